@@ -1,0 +1,229 @@
+//! The error of the machinery: a mapper call that panicked, timed out or was
+//! cancelled, as opposed to an error of the user's own function.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Mutex;
+
+/// Why one item of a parallel map failed, other than by its mapper returning `Err`.
+///
+/// Every failure carries the 0-based [`index`](Error::index) of its item in the
+/// input. A panic keeps its payload, so it can be re-raised with
+/// [`std::panic::resume_unwind`] after [`into_panic`](Error::into_panic).
+///
+/// `Error` is `std::error::Error + Send + Sync + 'static`: `anyhow`,
+/// `Box<dyn Error + Send + Sync>` and `thiserror`'s `#[from]` take it as it is,
+/// and the `try_` variants of [`ParImapExt`](crate::ParImapExt) convert it into
+/// the mapper's own error type through `From<Error>`.
+///
+/// # Examples
+///
+/// ```
+/// use futures::{stream, StreamExt};
+/// use par_imap::ParImapExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let results: Vec<_> = stream::iter(0..3)
+///     .par_imap(2, |n: u32| if n == 1 { panic!("no ones") } else { n })
+///     .collect()
+///     .await;
+///
+/// let error = results[1].as_ref().unwrap_err();
+/// assert_eq!(error.index(), 1);
+/// assert!(error.is_panic());
+/// assert_eq!(error.to_string(), "item 1 panicked: no ones");
+/// # }
+/// ```
+pub struct Error {
+    index: usize,
+    repr: Repr,
+}
+
+enum Repr {
+    // The payload is `Send` but not `Sync`; the mutex makes `Error: Sync`
+    // without unsafe code. It is only ever locked by `&self` readers of the
+    // message, which is captured up front instead, so it is never contended.
+    Panic {
+        payload: Mutex<Box<dyn Any + Send + 'static>>,
+        message: Option<String>,
+    },
+    Timeout,
+    Cancelled,
+}
+
+impl Error {
+    pub(crate) fn panic(index: usize, payload: Box<dyn Any + Send + 'static>) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|message| (*message).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned());
+        Error {
+            index,
+            repr: Repr::Panic {
+                payload: Mutex::new(payload),
+                message,
+            },
+        }
+    }
+
+    #[allow(dead_code)] // constructed by the timeout option
+    pub(crate) fn timeout(index: usize) -> Self {
+        Error {
+            index,
+            repr: Repr::Timeout,
+        }
+    }
+
+    pub(crate) fn cancelled(index: usize) -> Self {
+        Error {
+            index,
+            repr: Repr::Cancelled,
+        }
+    }
+
+    /// The 0-based position in the input of the item that failed.
+    ///
+    /// ```
+    /// # use futures::{stream, StreamExt};
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut results = stream::iter([7, 8]).par_imap(1, |n: i32| {
+    ///     assert!(n != 8, "eight");
+    ///     n
+    /// });
+    /// assert_eq!(results.next().await.unwrap().unwrap(), 7);
+    /// assert_eq!(results.next().await.unwrap().unwrap_err().index(), 1);
+    /// # }
+    /// ```
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Whether the mapper call panicked.
+    ///
+    /// ```
+    /// # use futures::{stream, StreamExt};
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let first = stream::iter([0]).par_imap(1, |_: i32| -> i32 { panic!() }).next().await;
+    /// assert!(first.unwrap().unwrap_err().is_panic());
+    /// # }
+    /// ```
+    pub fn is_panic(&self) -> bool {
+        matches!(self.repr, Repr::Panic { .. })
+    }
+
+    /// Whether the mapper call ran past its deadline (set with `.timeout`).
+    ///
+    /// ```
+    /// # use futures::{stream, StreamExt};
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let first = stream::iter([0]).par_imap(1, |_: i32| -> i32 { panic!() }).next().await;
+    /// assert!(!first.unwrap().unwrap_err().is_timeout());
+    /// # }
+    /// ```
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.repr, Repr::Timeout)
+    }
+
+    /// Whether the item was cancelled before it could finish: the runtime shut
+    /// down under the map, or the map was cancelled from outside.
+    ///
+    /// ```
+    /// # use futures::{stream, StreamExt};
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let first = stream::iter([0]).par_imap(1, |_: i32| -> i32 { panic!() }).next().await;
+    /// assert!(!first.unwrap().unwrap_err().is_cancelled());
+    /// # }
+    /// ```
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self.repr, Repr::Cancelled)
+    }
+
+    /// The panic payload, to re-raise with [`std::panic::resume_unwind`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if the error is not a panic; see [`try_into_panic`](Error::try_into_panic).
+    ///
+    /// ```
+    /// # use futures::{stream, StreamExt};
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let first = stream::iter([0]).par_imap(1, |_: i32| -> i32 { std::panic::panic_any(42_u8) });
+    /// let payload = first.boxed().next().await.unwrap().unwrap_err().into_panic();
+    /// assert_eq!(payload.downcast_ref::<u8>(), Some(&42));
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn into_panic(self) -> Box<dyn Any + Send + 'static> {
+        match self.try_into_panic() {
+            Ok(payload) => payload,
+            Err(error) => {
+                panic!("`par_imap::Error::into_panic` called on a non-panic error: {error}")
+            }
+        }
+    }
+
+    /// The panic payload, or the error itself when it is not a panic.
+    ///
+    /// ```
+    /// # use futures::{stream, StreamExt};
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let first = stream::iter([0]).par_imap(1, |_: i32| -> i32 { panic!("boom") });
+    /// let error = first.boxed().next().await.unwrap().unwrap_err();
+    /// let payload = error.try_into_panic().unwrap();
+    /// assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom"));
+    /// # }
+    /// ```
+    pub fn try_into_panic(self) -> Result<Box<dyn Any + Send + 'static>, Error> {
+        match self.repr {
+            Repr::Panic { payload, .. } => Ok(payload
+                .into_inner()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())),
+            repr => Err(Error {
+                index: self.index,
+                repr,
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.repr {
+            Repr::Panic {
+                message: Some(message),
+                ..
+            } => write!(f, "item {} panicked: {message}", self.index),
+            Repr::Panic { message: None, .. } => write!(f, "item {} panicked", self.index),
+            Repr::Timeout => write!(f, "item {} timed out", self.index),
+            Repr::Cancelled => write!(f, "item {} cancelled", self.index),
+        }
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct("Error");
+        debug.field("index", &self.index);
+        match &self.repr {
+            Repr::Panic { message, .. } => debug.field("panic", message),
+            Repr::Timeout => debug.field("timeout", &true),
+            Repr::Cancelled => debug.field("cancelled", &true),
+        };
+        debug.finish()
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,414 @@
+//! The extension trait that puts the parallel maps on every stream.
+
+use std::future::Future;
+
+use futures::Stream;
+
+use crate::Error;
+use crate::engine::{Order, ParImap};
+use crate::kind::{Async, Blocking, Try};
+
+/// Parallel maps on any [`Stream`]: `stream.par_imap(limit, f)`.
+///
+/// Every method returns a [`ParImap`] stream with the same semantics; they
+/// differ in how the mapper runs and what order results come out in:
+///
+/// | method | mapper | results |
+/// | --- | --- | --- |
+/// | [`par_imap`](ParImapExt::par_imap) | blocking `Fn(T) -> U`, on the blocking pool | input order |
+/// | [`par_imap_unordered`](ParImapExt::par_imap_unordered) | blocking | completion order |
+/// | [`par_imap_async`](ParImapExt::par_imap_async) | `Fn(T) -> impl Future<Output = U>`, a task per call | input order |
+/// | [`par_imap_async_unordered`](ParImapExt::par_imap_async_unordered) | async | completion order |
+/// | `try_` + each of the above | returns `Result<U, E>`, `E: From<Error>` | `Result<U, E>` |
+///
+/// # Semantics
+///
+/// 1. **Order.** Input-order variants yield each result as soon as it and all
+///    before it are done; `_unordered` variants as soon as it is done.
+/// 2. **Laziness and bounded memory.** Nothing is pulled or started before the
+///    first poll. An input item is pulled only when a call can start and the
+///    window (see [`ParImap::window`], default `2 * limit`) has room, so at most
+///    `window` items are pulled and not yet yielded, however long the input.
+/// 3. **Concurrency.** At most `limit` mapper calls run at once. A call's slot
+///    frees as soon as it ends, so a slow item does not idle the others while
+///    the window has room.
+/// 4. **Fail-fast.** An item fails when its mapper panics or (`try_` variants)
+///    returns `Err`. From the moment a failure is seen, no input is pulled and
+///    no call starts; async calls after it are aborted and results after it are
+///    dropped. In input order the consumer receives items `0..k`, then item
+///    `k`'s failure, then the end; unordered, the failure comes as soon as it is
+///    seen, then the end. After the end the stream yields `None` forever.
+/// 5. **Drop is cancellation.** Dropping the stream (after `take(3)`, an early
+///    return, `try_fold` stopping at an `Err`) starts no new call, aborts async
+///    calls at their next `.await`, and drops every value it holds exactly once:
+///    unmapped inputs, unyielded outputs, and outputs of blocking calls that end
+///    later. A blocking closure that is already running cannot be pre-empted
+///    (tokio cannot abort `spawn_blocking`): it runs to its end and its output
+///    is dropped.
+/// 6. **Panics never hang.** A panicking mapper becomes an [`Error`] at its
+///    item's index, payload kept for [`std::panic::resume_unwind`]. A panic in
+///    the *input* stream happens in the consumer's task, as with any combinator.
+///    A runtime shutting down under the map ends it with an error for which
+///    [`Error::is_cancelled`] is true, not with a hang.
+/// 7. **Runtimes.** Works in any tokio runtime, multi-thread or current-thread.
+///    Polling outside a runtime panics with tokio's message.
+///
+/// Closures capture what they like, by move or through an `Arc`, as long as
+/// they are `Send + Sync + 'static`.
+///
+/// # Examples
+///
+/// ```
+/// use futures::{stream, TryStreamExt};
+/// use par_imap::ParImapExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), par_imap::Error> {
+/// let sum_of_squares = stream::iter(1..=10_u64)
+///     .par_imap(4, |n| n * n)
+///     .try_fold(0, |sum, square| async move { Ok(sum + square) })
+///     .await?;
+/// assert_eq!(sum_of_squares, 385);
+/// # Ok(())
+/// # }
+/// ```
+pub trait ParImapExt: Stream {
+    /// Maps each item with the blocking closure `f` on tokio's blocking pool,
+    /// at most `limit` calls at once, yielding `Ok(f(item))` in input order, or
+    /// an [`Error`] at the item whose call panicked, then the end.
+    ///
+    /// See the [trait docs](ParImapExt#semantics) for the full semantics.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the stream starts no new call and drops every held value; a
+    /// call already running on the blocking pool runs to its end and its output
+    /// is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// let base = 2_u64;
+    /// let powers: Vec<u64> = stream::iter(0..10)
+    ///     .par_imap(4, move |n| base.pow(n))
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(powers[..4], [1, 2, 4, 8]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn par_imap<F, U>(self, limit: usize, f: F) -> ParImap<Self, F, Blocking>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> U + Send + Sync + 'static,
+        U: Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Input)
+    }
+
+    /// Like [`par_imap`](ParImapExt::par_imap), but yields each result as soon
+    /// as its call ends (completion order).
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap`](ParImapExt::par_imap).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// let mut lengths: Vec<usize> = stream::iter(["a", "bb", "ccc"])
+    ///     .par_imap_unordered(3, |s: &str| s.len())
+    ///     .try_collect()
+    ///     .await?;
+    /// lengths.sort();
+    /// assert_eq!(lengths, [1, 2, 3]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn par_imap_unordered<F, U>(self, limit: usize, f: F) -> ParImap<Self, F, Blocking>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> U + Send + Sync + 'static,
+        U: Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Completion)
+    }
+
+    /// Maps each item with the async closure `f`, each call spawned as a tokio
+    /// task, at most `limit` at once, yielding results in input order, or an
+    /// [`Error`] at the item whose future panicked, then the end.
+    ///
+    /// See the [trait docs](ParImapExt#semantics) for the full semantics.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the stream aborts every running call at its next `.await` and
+    /// starts no new one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// let replies: Vec<String> = stream::iter([3, 1, 2])
+    ///     .par_imap_async(3, |secs| async move {
+    ///         tokio::time::sleep(Duration::from_secs(secs)).await;
+    ///         format!("slept {secs}s")
+    ///     })
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(replies, ["slept 3s", "slept 1s", "slept 2s"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn par_imap_async<F, Fut>(self, limit: usize, f: F) -> ParImap<Self, F, Async>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Input)
+    }
+
+    /// Like [`par_imap_async`](ParImapExt::par_imap_async), but yields each
+    /// result as soon as its call ends (completion order).
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap_async`](ParImapExt::par_imap_async).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// let first_done: Vec<u64> = stream::iter([3, 1, 2])
+    ///     .par_imap_async_unordered(3, |secs| async move {
+    ///         tokio::time::sleep(Duration::from_secs(secs)).await;
+    ///         secs
+    ///     })
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(first_done, [1, 2, 3]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn par_imap_async_unordered<F, Fut>(self, limit: usize, f: F) -> ParImap<Self, F, Async>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> Fut + Send + Sync + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Completion)
+    }
+
+    /// Like [`par_imap`](ParImapExt::par_imap) for a fallible blocking closure:
+    /// an `Err` from `f` fails the map as a panic does. Yields `Result<U, E>`;
+    /// a panic comes out as `E::from(Error)`.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap`](ParImapExt::par_imap).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let parsed: Vec<Result<u8, anyhow::Error>> = stream::iter(["1", "2", "x", "4"])
+    ///     .try_par_imap(1, |s: &str| Ok(s.parse::<u8>()?))
+    ///     .collect()
+    ///     .await;
+    /// // Items 0..2, then the failure of item 2, then the end.
+    /// assert_eq!(parsed.len(), 3);
+    /// assert!(parsed[2].is_err());
+    /// # }
+    /// ```
+    #[track_caller]
+    fn try_par_imap<F, U, E>(self, limit: usize, f: F) -> ParImap<Self, F, Try<Blocking>>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> Result<U, E> + Send + Sync + 'static,
+        U: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Input)
+    }
+
+    /// Like [`try_par_imap`](ParImapExt::try_par_imap), in completion order.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap`](ParImapExt::par_imap).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let checked = stream::iter([1_u32, 2, 0])
+    ///     .try_par_imap_unordered(2, |n| 100_u32.checked_div(n).ok_or_else(|| anyhow::anyhow!("divide by zero")))
+    ///     .try_collect::<Vec<u32>>()
+    ///     .await;
+    /// assert!(checked.is_err());
+    /// # }
+    /// ```
+    #[track_caller]
+    fn try_par_imap_unordered<F, U, E>(self, limit: usize, f: F) -> ParImap<Self, F, Try<Blocking>>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> Result<U, E> + Send + Sync + 'static,
+        U: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Completion)
+    }
+
+    /// Like [`par_imap_async`](ParImapExt::par_imap_async) for a fallible async
+    /// closure: an `Err` fails the map as a panic does. Yields `Result<U, E>`;
+    /// a panic comes out as `E::from(Error)`.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap_async`](ParImapExt::par_imap_async).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> anyhow::Result<()> {
+    /// let ids: Vec<u64> = stream::iter(["7", "8"])
+    ///     .try_par_imap_async(2, |s: &str| async move { Ok::<_, anyhow::Error>(s.parse::<u64>()?) })
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(ids, [7, 8]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn try_par_imap_async<F, Fut, U, E>(self, limit: usize, f: F) -> ParImap<Self, F, Try<Async>>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<U, E>> + Send + 'static,
+        U: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Input)
+    }
+
+    /// Like [`try_par_imap_async`](ParImapExt::try_par_imap_async), in
+    /// completion order.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap_async`](ParImapExt::par_imap_async).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> anyhow::Result<()> {
+    /// let mut ids: Vec<u64> = stream::iter(["7", "8"])
+    ///     .try_par_imap_async_unordered(2, |s: &str| async move { Ok::<_, anyhow::Error>(s.parse::<u64>()?) })
+    ///     .try_collect()
+    ///     .await?;
+    /// ids.sort();
+    /// assert_eq!(ids, [7, 8]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn try_par_imap_async_unordered<F, Fut, U, E>(
+        self,
+        limit: usize,
+        f: F,
+    ) -> ParImap<Self, F, Try<Async>>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        F: Fn(Self::Item) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<U, E>> + Send + 'static,
+        U: Send + 'static,
+        E: From<Error> + Send + 'static,
+    {
+        ParImap::new(self, limit, f, Order::Completion)
+    }
+}
+
+impl<St: Stream + ?Sized> ParImapExt for St {}

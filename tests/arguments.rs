@@ -1,0 +1,73 @@
+//! `limit == 0` and `window < limit` panic at the caller's line.
+//!
+//! Alone in its own test binary: it swaps the process-wide panic hook.
+use std::panic::{self, Location};
+use std::sync::{Arc, Mutex};
+
+use futures::stream;
+use par_imap::ParImapExt;
+
+/// Runs `f`, which must panic, and returns the file of its panic location
+/// and its message.
+fn panic_site(f: impl FnOnce() + panic::UnwindSafe) -> (String, String) {
+    // The hook is process-wide: one test at a time may swap it.
+    static HOOK: Mutex<()> = Mutex::new(());
+    let _hook = HOOK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let site = Arc::new(Mutex::new(None));
+    let seen = site.clone();
+    let previous = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        let location = info.location().map(Location::to_string).unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        *seen.lock().unwrap() = Some((location, message));
+    }));
+    let outcome = panic::catch_unwind(f);
+    panic::set_hook(previous);
+    assert!(outcome.is_err(), "did not panic");
+    site.lock().unwrap().take().unwrap()
+}
+
+#[test]
+fn zero_limit_panics_at_the_callers_line_naming_limit() {
+    for build in [
+        (|| drop(stream::iter([1]).par_imap(0, |n: i32| n))) as fn(),
+        || drop(stream::iter([1]).par_imap_unordered(0, |n: i32| n)),
+        || drop(stream::iter([1]).par_imap_async(0, |n: i32| async move { n })),
+        || drop(stream::iter([1]).par_imap_async_unordered(0, |n: i32| async move { n })),
+        || drop(stream::iter([1]).try_par_imap(0, |n: i32| Ok::<_, par_imap::Error>(n))),
+        || drop(stream::iter([1]).try_par_imap_unordered(0, |n: i32| Ok::<_, par_imap::Error>(n))),
+        || {
+            drop(
+                stream::iter([1])
+                    .try_par_imap_async(0, |n: i32| async move { Ok::<_, par_imap::Error>(n) }),
+            )
+        },
+        || {
+            drop(
+                stream::iter([1]).try_par_imap_async_unordered(0, |n: i32| async move {
+                    Ok::<_, par_imap::Error>(n)
+                }),
+            )
+        },
+    ] {
+        let (location, message) = panic_site(build);
+        assert!(location.starts_with(file!()), "panicked at {location}");
+        assert!(message.contains("`limit`"), "message: {message}");
+    }
+}
+
+#[test]
+fn window_below_limit_panics_at_the_callers_line() {
+    let (location, message) =
+        panic_site(|| drop(stream::iter([1]).par_imap(4, |n: i32| n).window(3)));
+    assert!(location.starts_with(file!()), "panicked at {location}");
+    assert!(
+        message.contains("`window` (3) must be at least `limit` (4)"),
+        "message: {message}"
+    );
+}

@@ -1,0 +1,76 @@
+//! The public types' auto traits, `Debug`, `FusedStream` and `size_hint`.
+use std::marker::PhantomPinned;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::StreamExt;
+use futures::stream::{self, FusedStream, Stream};
+use par_imap::ParImapExt;
+
+fn is_send<T: Send>(_: &T) {}
+fn is_unpin<T: Unpin>(_: &T) {}
+
+/// A `Send` stream that is not `Unpin`.
+struct Pinned(PhantomPinned);
+
+impl Stream for Pinned {
+    type Item = u8;
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<u8>> {
+        Poll::Ready(None)
+    }
+}
+
+#[test]
+fn every_variant_is_send_and_unpin_when_its_input_is() {
+    is_send(&stream::iter([1]).par_imap(1, |n: i32| n));
+    is_unpin(&stream::iter([1]).par_imap(1, |n: i32| n));
+    is_send(&stream::iter([1]).par_imap_unordered(1, |n: i32| n));
+    is_send(&stream::iter([1]).par_imap_async(1, |n: i32| async move { n }));
+    is_unpin(&stream::iter([1]).par_imap_async(1, |n: i32| async move { n }));
+    is_send(&stream::iter([1]).try_par_imap(1, |n: i32| Ok::<_, par_imap::Error>(n)));
+    is_send(
+        &stream::iter([1]).try_par_imap_async(1, |n: i32| async move { Ok::<_, anyhow::Error>(n) }),
+    );
+    is_unpin(
+        &stream::iter([1])
+            .try_par_imap_async_unordered(1, |n: i32| async move { Ok::<_, anyhow::Error>(n) }),
+    );
+}
+
+#[test]
+fn not_unpin_when_the_input_is_not_but_still_send() {
+    let results = Pinned(PhantomPinned).par_imap(1, |n| n);
+    is_send(&results);
+    // `Box::pin` is how such a stream is polled.
+    let _ = Box::pin(results).boxed();
+}
+
+#[test]
+fn static_assertions_of_unpin_follow_the_input() {
+    fn unpin_iff_input_unpin<St: Stream + Unpin>(st: St) -> impl Unpin
+    where
+        St::Item: Send + 'static,
+    {
+        st.par_imap(1, |n| n)
+    }
+    let _ = unpin_iff_input_unpin(stream::iter([1]));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn debug_fused_and_size_hint() {
+    let mut results = stream::iter(0..10).par_imap(2, |n: i32| n).window(4);
+    let debug = format!("{results:?}");
+    assert!(
+        debug.starts_with("ParImap {") && debug.contains("limit: 2") && debug.contains("window: 4"),
+        "{debug}"
+    );
+    // Before the first poll: at least one item, at most ten.
+    assert_eq!(results.size_hint(), (1, Some(10)));
+    assert!(!results.is_terminated());
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    assert_eq!(results.size_hint(), (1, Some(9)));
+    let rest: Vec<_> = results.by_ref().collect().await;
+    assert_eq!(rest.len(), 9);
+    assert_eq!(results.size_hint(), (0, Some(0)));
+    assert!(results.is_terminated());
+}

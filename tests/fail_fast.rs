@@ -1,0 +1,255 @@
+//! Semantics 4: after a failure nothing is pulled or started, in-flight async
+//! calls are aborted, and the consumer gets the prefix, the failure, the end.
+mod common;
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Calls, Gates, eventually};
+use futures::stream::FusedStream;
+use futures::{StreamExt, stream};
+use par_imap::ParImapExt;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep};
+
+/// Drains `results`, then checks the stream stays ended.
+async fn drain<T, E>(
+    mut results: impl FusedStream<Item = Result<T, E>> + Unpin,
+) -> Vec<Result<T, E>> {
+    let mut out = Vec::new();
+    while let Some(result) = results.next().await {
+        out.push(result);
+    }
+    assert!(results.is_terminated());
+    assert!(results.next().await.is_none(), "None forever after the end");
+    assert!(results.next().await.is_none(), "None forever after the end");
+    out
+}
+
+fn oks<T: Clone, E>(results: &[Result<T, E>]) -> Vec<T> {
+    results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_panic_at_k_yields_prefix_then_error_then_end_and_starts_nothing_after() {
+    let calls = Calls::default();
+    let count = calls.clone();
+    let out = drain(stream::iter(0..100).par_imap(1, move |i: usize| {
+        let _running = count.enter(i);
+        assert!(i != 5, "item five");
+        i
+    }))
+    .await;
+    assert_eq!(oks(&out), [0, 1, 2, 3, 4]);
+    assert_eq!(out.len(), 6);
+    let error = out[5].as_ref().unwrap_err();
+    assert_eq!(error.index(), 5);
+    assert!(error.is_panic());
+    assert_eq!(calls.started_indices(), [0, 1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_blocking_err_at_k_yields_prefix_then_error_then_end_and_starts_nothing_after() {
+    let calls = Calls::default();
+    let count = calls.clone();
+    let out = drain(stream::iter(0..100).try_par_imap(1, move |i: usize| {
+        let _running = count.enter(i);
+        if i == 5 {
+            Err(TestError::Mine(i))
+        } else {
+            Ok(i)
+        }
+    }))
+    .await;
+    assert_eq!(oks(&out), [0, 1, 2, 3, 4]);
+    assert_eq!(out[5].as_ref().unwrap_err(), &TestError::Mine(5));
+    assert_eq!(out.len(), 6);
+    assert_eq!(calls.started_indices(), [0, 1, 2, 3, 4, 5]);
+}
+
+impl From<par_imap::Error> for TestError {
+    fn from(error: par_imap::Error) -> Self {
+        TestError::Machinery(error.to_string())
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum TestError {
+    Mine(usize),
+    Machinery(String),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_failure_seen_while_earlier_items_run_stops_new_starts() {
+    // Limit 2: item 1 fails while item 0 still runs. Item 0 is still
+    // delivered, and no item after 1 ever starts.
+    let (gates, calls) = (Gates::default(), Calls::default());
+    let (wait, count) = (gates.clone(), calls.clone());
+    let results = stream::iter(0..50).try_par_imap(2, move |i: usize| {
+        let _running = count.enter(i);
+        wait.wait(i);
+        if i == 1 {
+            Err(TestError::Mine(i))
+        } else {
+            Ok(i)
+        }
+    });
+    let consumer = tokio::spawn(drain(results));
+    eventually("items 0 and 1 to run", || calls.running() == 2);
+    gates.open(1);
+    eventually("item 1 to end", || calls.running() == 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gates.open(0);
+    for i in 2..50 {
+        gates.open(i);
+    }
+    let out = consumer.await.unwrap();
+    assert_eq!(out, [Ok(0), Err(TestError::Mine(1))]);
+    assert_eq!(calls.started_indices(), [0, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_blocking_panic_becomes_the_callers_error_type() {
+    let out = drain(
+        stream::iter(0..3).try_par_imap(1, |i: usize| -> Result<usize, TestError> {
+            assert!(i != 1, "one");
+            Ok(i)
+        }),
+    )
+    .await;
+    assert_eq!(
+        out,
+        [
+            Ok(0),
+            Err(TestError::Machinery("item 1 panicked: one".into()))
+        ]
+    );
+}
+
+/// Async items: `i` sleeps `delays[i]` seconds, then fails if `i == fail`;
+/// every future reports through `finished` whether it ran to its end.
+type Mapper = Box<
+    dyn Fn(usize) -> Pin<Box<dyn Future<Output = Result<usize, TestError>> + Send>> + Send + Sync,
+>;
+type Ends = Arc<Mutex<Vec<oneshot::Receiver<()>>>>;
+
+fn async_case(delays: Vec<u64>, fail: usize) -> (Mapper, Calls, Ends) {
+    let calls = Calls::default();
+    let finished = Arc::new(Mutex::new(Vec::new()));
+    let (count, ends) = (calls.clone(), finished.clone());
+    let mapper: Mapper = Box::new(move |i: usize| {
+        let running = count.enter(i);
+        let (end, ended) = oneshot::channel::<()>();
+        ends.lock().unwrap().push(ended);
+        let delay = delays[i];
+        Box::pin(async move {
+            sleep(Duration::from_secs(delay)).await;
+            drop(running);
+            let _ = end.send(());
+            if i == fail {
+                Err(TestError::Mine(i))
+            } else {
+                Ok(i)
+            }
+        })
+    });
+    (mapper, calls, finished)
+}
+
+/// How many of the futures ran to their end (the others were aborted).
+async fn count_completed(finished: Ends) -> usize {
+    let receivers = std::mem::take(&mut *finished.lock().unwrap());
+    let mut completed = 0;
+    for ended in receivers {
+        completed += usize::from(ended.await.is_ok());
+    }
+    completed
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_err_at_k_aborts_later_calls_and_delivers_earlier_ones() {
+    // Limit 4: item 1 fails at 1 s while item 0 runs until 3 s and items 2
+    // and 3 until 10 s. Item 0 is delivered; items 2 and 3 are aborted;
+    // nothing after 3 starts.
+    let (mapper, calls, finished) = async_case(vec![3, 1, 10, 10, 1, 1, 1, 1], 1);
+    let start = Instant::now();
+    let out = drain(stream::iter(0..8).try_par_imap_async(4, mapper)).await;
+    assert_eq!(out, [Ok(0), Err(TestError::Mine(1))]);
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert_eq!(calls.started_indices(), [0, 1, 2, 3]);
+    assert_eq!(count_completed(finished).await, 2, "items 2 and 3 aborted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_lower_index_failure_wins() {
+    // Item 2 fails at 1 s, then item 1 fails at 2 s: the consumer sees
+    // item 0, then item 1's failure, then the end.
+    let (mapper, _calls, _finished) = async_case(vec![0, 2, 1, 5], usize::MAX);
+    let failing = move |i: usize| {
+        let call = mapper(i);
+        async move {
+            let result = call.await;
+            if i == 1 || i == 2 {
+                Err(TestError::Mine(i))
+            } else {
+                result
+            }
+        }
+    };
+    let out = drain(stream::iter(0..4).try_par_imap_async(4, failing)).await;
+    assert_eq!(out, [Ok(0), Err(TestError::Mine(1))]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_panic_at_k_yields_prefix_then_error_then_end() {
+    let calls = Calls::default();
+    let count = calls.clone();
+    let out = drain(stream::iter(0..100).par_imap_async(3, move |i: usize| {
+        let _running = count.enter(i);
+        async move {
+            sleep(Duration::from_secs(1)).await;
+            assert!(i != 5, "item five");
+            i
+        }
+    }))
+    .await;
+    assert_eq!(oks(&out), [0, 1, 2, 3, 4]);
+    assert_eq!(out.len(), 6);
+    assert!(out[5].as_ref().unwrap_err().is_panic());
+    // Items 3..6 ran together; the failure at 5 stopped everything after 5.
+    assert_eq!(calls.started_indices(), [0, 1, 2, 3, 4, 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_unordered_failure_yielded_as_soon_as_seen_then_end() {
+    let (mapper, calls, finished) = async_case(vec![10, 1, 10, 1], 1);
+    let start = Instant::now();
+    let mut results = stream::iter(0..4).try_par_imap_async_unordered(2, mapper);
+    assert_eq!(results.next().await, Some(Err(TestError::Mine(1))));
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(results.next().await, None);
+    assert!(results.is_terminated());
+    assert_eq!(calls.started_indices(), [0, 1]);
+    drop(results);
+    assert_eq!(count_completed(finished).await, 1, "item 0 aborted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_unordered_failure_yielded_then_end() {
+    let calls = Calls::default();
+    let count = calls.clone();
+    let out = drain(stream::iter(0..100).par_imap_unordered(1, move |i: usize| {
+        let _running = count.enter(i);
+        assert!(i != 3, "three");
+        i
+    }))
+    .await;
+    assert_eq!(oks(&out), [0, 1, 2]);
+    assert_eq!(out[3].as_ref().unwrap_err().index(), 3);
+    assert_eq!(out.len(), 4);
+    assert_eq!(calls.started_indices(), [0, 1, 2, 3]);
+}

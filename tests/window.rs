@@ -1,0 +1,172 @@
+//! Semantics 2 and 3: laziness, the window bound on lookahead, the limit.
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Calls, Gates, eventually};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use par_imap::ParImapExt;
+use tokio::time::{Instant, sleep};
+
+/// An endless input that counts what was pulled from it.
+fn counted_naturals(pulled: &Arc<AtomicUsize>) -> impl Stream<Item = usize> + use<> {
+    let pulled = pulled.clone();
+    stream::iter(0..).inspect(move |_| {
+        pulled.fetch_add(1, Ordering::SeqCst);
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_pulled_or_started_before_first_poll() {
+    let (pulled, calls) = (Arc::new(AtomicUsize::new(0)), Calls::default());
+    let count = calls.clone();
+    let results = counted_naturals(&pulled).par_imap_async(4, move |i| {
+        let _running = count.enter(i);
+        async move { i }
+    });
+    sleep(Duration::from_secs(1)).await;
+    assert_eq!(pulled.load(Ordering::SeqCst), 0);
+    assert_eq!(calls.started(), 0);
+    drop(results);
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_lookahead_never_above_window_on_endless_input() {
+    for unordered in [false, true] {
+        let (pulled, yielded, peak) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (pulls, seen, watch) = (pulled.clone(), yielded.clone(), peak.clone());
+        let input = counted_naturals(&pulled).inspect(move |_| {
+            let ahead = pulls.load(Ordering::SeqCst) - seen.load(Ordering::SeqCst);
+            watch.fetch_max(ahead, Ordering::SeqCst);
+        });
+        // Every tenth item is slow, so results pile up behind it.
+        let mapper = |i: usize| async move {
+            sleep(Duration::from_millis(if i % 10 == 0 { 50 } else { 1 })).await;
+            i
+        };
+        let results = if unordered {
+            input.par_imap_async_unordered(3, mapper).window(7).boxed()
+        } else {
+            input.par_imap_async(3, mapper).window(7).boxed()
+        };
+        let mut results = results.take(500);
+        while let Some(result) = results.next().await {
+            result.unwrap();
+            yielded.fetch_add(1, Ordering::SeqCst);
+            sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 7, "unordered: {unordered}");
+        assert!(pulled.load(Ordering::SeqCst) <= 500 + 7);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_lookahead_never_above_window_on_endless_input() {
+    for unordered in [false, true] {
+        let (pulled, yielded, peak) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (pulls, seen, watch) = (pulled.clone(), yielded.clone(), peak.clone());
+        let input = counted_naturals(&pulled).inspect(move |_| {
+            let ahead = pulls.load(Ordering::SeqCst) - seen.load(Ordering::SeqCst);
+            watch.fetch_max(ahead, Ordering::SeqCst);
+        });
+        let mapper = |i: usize| {
+            std::thread::sleep(Duration::from_micros(if i % 10 == 0 { 2000 } else { 50 }));
+            i
+        };
+        let results = if unordered {
+            input.par_imap_unordered(2, mapper).window(5).boxed()
+        } else {
+            input.par_imap(2, mapper).window(5).boxed()
+        };
+        let mut results = results.take(300);
+        while let Some(result) = results.next().await {
+            result.unwrap();
+            yielded.fetch_add(1, Ordering::SeqCst);
+        }
+        assert!(peak.load(Ordering::SeqCst) <= 5, "unordered: {unordered}");
+        assert!(pulled.load(Ordering::SeqCst) <= 300 + 5);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn default_window_is_twice_the_limit() {
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let mut results = counted_naturals(&pulled).par_imap_async(3, |i| async move {
+        // The head never finishes; everything else does at once.
+        if i == 0 {
+            std::future::pending::<()>().await;
+        }
+        i
+    });
+    tokio::select! {
+        _ = results.next() => panic!("the head never finishes"),
+        _ = sleep(Duration::from_secs(5)) => {}
+    }
+    assert_eq!(pulled.load(Ordering::SeqCst), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn async_at_most_limit_running_and_limit_reached() {
+    for unordered in [false, true] {
+        let calls = Calls::default();
+        let count = calls.clone();
+        let mapper = move |i: usize| {
+            let running = count.enter(i);
+            async move {
+                sleep(Duration::from_secs(1)).await;
+                drop(running);
+                i
+            }
+        };
+        let start = Instant::now();
+        let results = if unordered {
+            stream::iter(0..20)
+                .par_imap_async_unordered(4, mapper)
+                .boxed()
+        } else {
+            stream::iter(0..20).par_imap_async(4, mapper).boxed()
+        };
+        assert_eq!(results.try_collect::<Vec<_>>().await.unwrap().len(), 20);
+        assert_eq!(calls.peak(), 4);
+        // 20 one-second calls, 4 at a time, back to back.
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_at_most_limit_running_and_limit_reached() {
+    for unordered in [false, true] {
+        let (gates, calls) = (Gates::default(), Calls::default());
+        let (wait, count) = (gates.clone(), calls.clone());
+        let mapper = move |i: usize| {
+            let _running = count.enter(i);
+            wait.wait(i);
+            i
+        };
+        let results = if unordered {
+            stream::iter(0..12).par_imap_unordered(3, mapper).boxed()
+        } else {
+            stream::iter(0..12).par_imap(3, mapper).boxed()
+        };
+        let consumer = tokio::spawn(results.try_collect::<Vec<_>>());
+        eventually("3 calls to run", || calls.running() == 3);
+        // Give a fourth call every chance to start wrongly.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(calls.started(), 3);
+        for i in 0..12 {
+            gates.open(i);
+        }
+        assert_eq!(consumer.await.unwrap().unwrap().len(), 12);
+        assert_eq!(calls.peak(), 3);
+    }
+}
