@@ -27,6 +27,20 @@ pin_project! {
     ///
     /// Dropping it cancels the map: no new mapper call starts, running async
     /// calls are aborted, and every value it holds is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut words = futures::stream::iter(["par", "imap"]).par_imap(2, str::to_uppercase);
+    /// assert_eq!(words.next().await.unwrap().unwrap(), "PAR");
+    /// // Dropping the stream here is all the clean-up there is.
+    /// # }
+    /// ```
     #[must_use = "streams do nothing unless polled"]
     pub struct ParImap<St, F, K>
     where

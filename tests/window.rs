@@ -32,19 +32,42 @@ async fn nothing_pulled_or_started_before_first_poll() {
     drop(results);
 }
 
+/// An endless input that records, at every pull, how far it runs ahead of
+/// what the consumer has taken.
+#[derive(Clone, Default)]
+struct Lookahead {
+    pulled: Arc<AtomicUsize>,
+    yielded: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl Lookahead {
+    fn input(&self) -> impl Stream<Item = usize> + Send + 'static {
+        let watch = self.clone();
+        counted_naturals(&self.pulled).inspect(move |_| {
+            let ahead = watch.pulled.load(Ordering::SeqCst) - watch.yielded.load(Ordering::SeqCst);
+            watch.peak.fetch_max(ahead, Ordering::SeqCst);
+        })
+    }
+
+    fn took_one(&self) {
+        self.yielded.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    fn pulled(&self) -> usize {
+        self.pulled.load(Ordering::SeqCst)
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn async_lookahead_never_above_window_on_endless_input() {
     for unordered in [false, true] {
-        let (pulled, yielded, peak) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let (pulls, seen, watch) = (pulled.clone(), yielded.clone(), peak.clone());
-        let input = counted_naturals(&pulled).inspect(move |_| {
-            let ahead = pulls.load(Ordering::SeqCst) - seen.load(Ordering::SeqCst);
-            watch.fetch_max(ahead, Ordering::SeqCst);
-        });
+        let lookahead = Lookahead::default();
+        let input = lookahead.input();
         // Every tenth item is slow, so results pile up behind it.
         let mapper = |i: usize| async move {
             sleep(Duration::from_millis(if i % 10 == 0 { 50 } else { 1 })).await;
@@ -58,27 +81,19 @@ async fn async_lookahead_never_above_window_on_endless_input() {
         let mut results = results.take(500);
         while let Some(result) = results.next().await {
             result.unwrap();
-            yielded.fetch_add(1, Ordering::SeqCst);
+            lookahead.took_one();
             sleep(Duration::from_millis(2)).await;
         }
-        assert_eq!(peak.load(Ordering::SeqCst), 7, "unordered: {unordered}");
-        assert!(pulled.load(Ordering::SeqCst) <= 500 + 7);
+        assert_eq!(lookahead.peak(), 7, "unordered: {unordered}");
+        assert!(lookahead.pulled() <= 500 + 7);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_lookahead_never_above_window_on_endless_input() {
     for unordered in [false, true] {
-        let (pulled, yielded, peak) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let (pulls, seen, watch) = (pulled.clone(), yielded.clone(), peak.clone());
-        let input = counted_naturals(&pulled).inspect(move |_| {
-            let ahead = pulls.load(Ordering::SeqCst) - seen.load(Ordering::SeqCst);
-            watch.fetch_max(ahead, Ordering::SeqCst);
-        });
+        let lookahead = Lookahead::default();
+        let input = lookahead.input();
         let mapper = |i: usize| {
             std::thread::sleep(Duration::from_micros(if i % 10 == 0 { 2000 } else { 50 }));
             i
@@ -91,10 +106,10 @@ async fn blocking_lookahead_never_above_window_on_endless_input() {
         let mut results = results.take(300);
         while let Some(result) = results.next().await {
             result.unwrap();
-            yielded.fetch_add(1, Ordering::SeqCst);
+            lookahead.took_one();
         }
-        assert!(peak.load(Ordering::SeqCst) <= 5, "unordered: {unordered}");
-        assert!(pulled.load(Ordering::SeqCst) <= 300 + 5);
+        assert!(lookahead.peak() <= 5, "unordered: {unordered}");
+        assert!(lookahead.pulled() <= 300 + 5);
     }
 }
 
