@@ -67,7 +67,6 @@ impl Error {
         }
     }
 
-    #[allow(dead_code)] // constructed by the timeout option
     pub(crate) fn timeout(index: usize) -> Self {
         Error {
             index,

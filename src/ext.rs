@@ -6,6 +6,7 @@ use futures::Stream;
 
 use crate::Error;
 use crate::engine::{Order, ParImap};
+use crate::init::WithInit;
 use crate::kind::{Async, Blocking, Try};
 
 /// Parallel maps on any [`Stream`]: `stream.par_imap(limit, f)`.
@@ -115,6 +116,73 @@ pub trait ParImapExt: Stream {
         U: Send + 'static,
     {
         ParImap::new(self, limit, f, Order::Input)
+    }
+
+    /// Like [`par_imap`](ParImapExt::par_imap), with per-worker state, as
+    /// rayon's `map_init` or `Pool(initializer=...)`: each call gets a
+    /// `&mut S` made by `init`, for a connection, a buffer, a compiled regex.
+    ///
+    /// At most `limit` states exist: they are made lazily, when a call starts
+    /// and no idle state is left, and reused by later calls. A state whose
+    /// call panicked is dropped, not reused; a panic in `init` fails the item
+    /// whose call ran it. Results come in input order, with the semantics of
+    /// [`par_imap`](ParImapExt::par_imap).
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `limit` is 0.
+    ///
+    /// # Cancellation
+    ///
+    /// As for [`par_imap`](ParImapExt::par_imap); the states are dropped with
+    /// the stream, or when the last running call ends.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// static BUFFERS: AtomicUsize = AtomicUsize::new(0);
+    /// let lines: Vec<String> = stream::iter(0..100)
+    ///     .par_imap_init(
+    ///         2,
+    ///         || {
+    ///             BUFFERS.fetch_add(1, Ordering::Relaxed);
+    ///             String::with_capacity(64)
+    ///         },
+    ///         |buffer: &mut String, n: u32| {
+    ///             buffer.clear();
+    ///             buffer.push_str(&format!("line {n}"));
+    ///             buffer.clone()
+    ///         },
+    ///     )
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(lines[99], "line 99");
+    /// assert!(BUFFERS.load(Ordering::Relaxed) <= 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn par_imap_init<I, S, F, U>(
+        self,
+        limit: usize,
+        init: I,
+        f: F,
+    ) -> ParImap<Self, WithInit<I, F, S>, Blocking>
+    where
+        Self: Sized,
+        Self::Item: Send + 'static,
+        I: Fn() -> S + Send + Sync + 'static,
+        F: Fn(&mut S, Self::Item) -> U + Send + Sync + 'static,
+        S: Send + 'static,
+        U: Send + 'static,
+    {
+        ParImap::new(self, limit, WithInit::new(init, f), Order::Input)
     }
 
     /// Like [`par_imap`](ParImapExt::par_imap), but yields each result as soon

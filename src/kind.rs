@@ -66,3 +66,5 @@ impl<S> fmt::Debug for Try<S> {
         f.write_str("Try")
     }
 }
+
+pub use crate::init::WithInit;

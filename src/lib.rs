@@ -45,6 +45,7 @@
 mod engine;
 mod error;
 mod ext;
+mod init;
 pub mod kind;
 mod spawn;
 
@@ -56,6 +57,7 @@ pub use engine::ParImap;
 struct ReadmeDoctests;
 pub use error::Error;
 pub use ext::ParImapExt;
+pub use spawn::is_cancelled;
 
 /// `use par_imap::prelude::*;` brings the extension trait into scope.
 ///

@@ -1,10 +1,12 @@
-//! The two seams between the variants: how one mapper call runs (blocking pool
-//! or async task) and what its output means (plain value or `Result`).
+//! The seams between the variants: how one mapper call runs (blocking pool or
+//! async task), what the mapper is (a closure, or a closure with per-worker
+//! state), and what its output means (plain value or `Result`).
 //!
 //! Everything here is `pub` inside a private module: the public stream type
 //! names these traits in its bounds, yet no user can name or implement them.
 #![allow(unreachable_pub)]
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -12,7 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt;
 use tokio::runtime::Handle;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
@@ -43,39 +47,61 @@ impl Shared {
     }
 }
 
-/// One finished call, sent back to the engine.
+/// What a call tells the engine.
 #[derive(Debug)]
-pub struct Completion<U> {
-    pub(crate) index: usize,
-    pub(crate) result: Result<U, Error>,
+pub enum Event<U> {
+    /// The mapper started now (sent only when the engine asked: for timeouts).
+    Started { index: usize, at: Instant },
+    /// The call ended, for good or not.
+    Finished {
+        index: usize,
+        result: Result<U, Error>,
+    },
 }
 
 /// The ticket of one mapper call: it reports the call's result to the engine
 /// exactly once. A call dropped before it finished (aborted, never started,
 /// or torn down with its runtime) reports itself cancelled, so the engine
-/// never waits for a result that cannot come.
+/// never waits for a result that cannot come. It holds the call's permit of a
+/// shared semaphore, released when the call really ends.
 #[derive(Debug)]
 pub struct Call<U> {
     index: usize,
     shared: Arc<Shared>,
-    report: Option<UnboundedSender<Completion<U>>>,
+    report: Option<UnboundedSender<Event<U>>>,
+    report_start: bool,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<U> Call<U> {
     pub(crate) fn new(
         index: usize,
         shared: Arc<Shared>,
-        report: UnboundedSender<Completion<U>>,
+        report: UnboundedSender<Event<U>>,
+        report_start: bool,
+        permit: Option<OwnedSemaphorePermit>,
     ) -> Self {
         Call {
             index,
             shared,
             report: Some(report),
+            report_start,
+            _permit: permit,
         }
     }
 
     fn is_cancelled(&self) -> bool {
         self.shared.is_cancelled(self.index)
+    }
+
+    /// Marks the moment the mapper starts: a deadline counts from here.
+    fn start(&self) {
+        if let (true, Some(report)) = (self.report_start, &self.report) {
+            let _ = report.send(Event::Started {
+                index: self.index,
+                at: Instant::now(),
+            });
+        }
     }
 
     fn finish(mut self, result: Result<U, Error>) {
@@ -85,7 +111,7 @@ impl<U> Call<U> {
     fn send(&mut self, result: Result<U, Error>) {
         if let Some(report) = self.report.take() {
             // The engine is gone when this fails: the result is dropped here.
-            let _ = report.send(Completion {
+            let _ = report.send(Event::Finished {
                 index: self.index,
                 result,
             });
@@ -97,6 +123,88 @@ impl<U> Drop for Call<U> {
     fn drop(&mut self) {
         let index = self.index;
         self.send(Err(Error::cancelled(index)));
+    }
+}
+
+thread_local! {
+    /// The blocking call running on this thread, for [`is_cancelled`].
+    static CURRENT: RefCell<Option<(Arc<Shared>, usize)>> = const { RefCell::new(None) };
+}
+
+/// Marks this thread as running a blocking call until dropped, even by a panic.
+struct Current;
+
+impl Current {
+    fn enter<U>(call: &Call<U>) -> Current {
+        CURRENT
+            .with(|current| *current.borrow_mut() = Some((Arc::clone(&call.shared), call.index)));
+        Current
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.borrow_mut().take());
+    }
+}
+
+/// Inside a blocking mapper call, whether its result can no longer be used:
+/// the map was dropped, failed at or before this item, was cancelled, or this
+/// item timed out. `false` outside a blocking mapper call.
+///
+/// A running blocking closure cannot be pre-empted: tokio cannot abort
+/// `spawn_blocking`. A long closure that polls `is_cancelled()` now and then
+/// is the one way it can stop early and free its worker.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use futures::StreamExt;
+/// use par_imap::ParImapExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let slow = futures::stream::iter([0]).par_imap(1, |_: u32| {
+///     // Works until nobody wants the result any more.
+///     let mut rounds = 0_u64;
+///     while !par_imap::is_cancelled() {
+///         std::thread::sleep(Duration::from_millis(1));
+///         rounds += 1;
+///     }
+///     rounds
+/// });
+/// let timed_out = slow.timeout(Duration::from_millis(20)).next().await.unwrap();
+/// assert!(timed_out.unwrap_err().is_timeout());
+/// assert!(!par_imap::is_cancelled());
+/// # }
+/// ```
+pub fn is_cancelled() -> bool {
+    CURRENT.with(|current| {
+        current
+            .borrow()
+            .as_ref()
+            .is_some_and(|(shared, index)| shared.is_cancelled(*index))
+    })
+}
+
+/// The function a call applies to its item.
+pub trait Mapper<T>: Send + Sync + 'static {
+    /// What one call returns.
+    type Output;
+
+    /// Applies the mapper to one item.
+    fn call(&self, item: T) -> Self::Output;
+}
+
+impl<T, F, U> Mapper<T> for F
+where
+    F: Fn(T) -> U + Send + Sync + 'static,
+{
+    type Output = U;
+
+    fn call(&self, item: T) -> U {
+        self(item)
     }
 }
 
@@ -114,19 +222,19 @@ pub trait Spawn<T, F> {
     ) -> Option<AbortOnDropHandle<()>>;
 }
 
-impl<T, F, U> Spawn<T, F> for Blocking
+impl<T, F> Spawn<T, F> for Blocking
 where
     T: Send + 'static,
-    F: Fn(T) -> U + Send + Sync + 'static,
-    U: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
 {
-    type Output = U;
+    type Output = F::Output;
 
     fn spawn(
         runtime: &Handle,
         mapper: &Arc<F>,
         item: T,
-        call: Call<U>,
+        call: Call<F::Output>,
     ) -> Option<AbortOnDropHandle<()>> {
         let mapper = Arc::clone(mapper);
         // A blocking task cannot be aborted once it runs; the cutoff keeps a
@@ -136,10 +244,13 @@ where
             if call.is_cancelled() {
                 return;
             }
-            let index = call.index;
-            let result = panic::catch_unwind(AssertUnwindSafe(|| mapper(item)));
+            call.start();
+            let current = Current::enter(&call);
+            let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)));
+            drop(current);
             // Release the closure's captures before the result is seen.
             drop(mapper);
+            let index = call.index;
             call.finish(result.map_err(|payload| Error::panic(index, payload)));
         });
         None
@@ -163,6 +274,7 @@ where
     ) -> Option<AbortOnDropHandle<()>> {
         let mapper = Arc::clone(mapper);
         let task = runtime.spawn(async move {
+            call.start();
             let index = call.index;
             // The mapper itself is called inside the task, so an aborted
             // task that never ran never calls it.

@@ -5,45 +5,42 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Calls, Gates, Tracked, Tracker, eventually};
+use common::{Calls, Gates, Tracked, Tracker, eventually_async};
 use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use tokio::sync::oneshot;
 use tokio::time::sleep;
 
 #[test]
-fn blocking_drop_after_take_starts_nothing_new_even_if_queued() {
-    // One blocking thread: item 1 blocks it, so item 2's call waits in the
-    // pool's queue when the stream is dropped. It must never start.
+fn blocking_drop_starts_nothing_new_even_if_a_call_is_queued() {
+    // Two blocking threads, both blocked by items 0 and 1: item 2's call
+    // waits in the pool's queue when the stream is dropped. It must never
+    // call the mapper, and its input must still be dropped.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .max_blocking_threads(1)
+        .max_blocking_threads(2)
         .build()
         .unwrap();
     let (gates, calls, tracker) = (Gates::default(), Calls::default(), Tracker::default());
     let (wait, count, outputs) = (gates.clone(), calls.clone(), tracker.clone());
     let inputs = tracker.clone();
-    gates.open(0);
-    let first: Vec<usize> = runtime.block_on(async {
-        stream::iter(0..100)
+    runtime.block_on(async {
+        let mut results = stream::iter(0..100)
             .map(move |i| inputs.track(i))
-            .par_imap(2, move |item: Tracked| {
+            .par_imap(3, move |item: Tracked| {
                 let _running = count.enter(item.value);
                 wait.wait(item.value);
                 outputs.track(item.value)
-            })
-            .take(1)
-            .map_ok(|output| output.value)
-            .try_collect()
-            .await
-            .unwrap()
+            });
+        tokio::select! {
+            _ = results.next() => panic!("every call is blocked"),
+            _ = eventually_async("items 0 and 1 to run", || calls.running() == 2) => {}
+        }
+        assert_eq!(tracker.created(), 3, "items 0..3 pulled");
     });
-    assert_eq!(first, [0]);
-    eventually("item 1 to run", || calls.running() == 1);
-    gates.open(1);
-    gates.open(2);
-    // Item 1 ends and its output is dropped; item 2's queued call ends
-    // without calling the mapper, dropping its input.
+    for i in 0..3 {
+        gates.open(i);
+    }
     tracker.wait_all_dropped();
     assert_eq!(calls.started_indices(), [0, 1]);
     drop(runtime);
