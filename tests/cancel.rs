@@ -25,13 +25,14 @@ fn blocking_drop_starts_nothing_new_even_if_a_call_is_queued() {
     let (wait, count, outputs) = (gates.clone(), calls.clone(), tracker.clone());
     let inputs = tracker.clone();
     runtime.block_on(async {
-        let mut results = stream::iter(0..100)
-            .map(move |i| inputs.track(i))
-            .par_imap(3, move |item: Tracked| {
-                let _running = count.enter(item.value);
-                wait.wait(item.value);
-                outputs.track(item.value)
-            });
+        let mut results =
+            stream::iter(0..100)
+                .map(move |i| inputs.track(i))
+                .par_imap(3, move |item: Tracked| {
+                    let _running = count.enter(item.value);
+                    wait.wait(item.value);
+                    outputs.track(item.value)
+                });
         tokio::select! {
             _ = results.next() => panic!("every call is blocked"),
             _ = eventually_async("items 0 and 1 to run", || calls.running() == 2) => {}
