@@ -30,6 +30,11 @@ use crate::kind::{Async, Blocking, Try};
 ///    first poll. An input item is pulled only when a call can start and the
 ///    window (see [`ParImap::window`], default `2 * limit`) has room, so at most
 ///    `window` items are pulled and not yet yielded, however long the input.
+///    Blocking calls run on at most `limit` long-lived workers; so that a
+///    worker never waits for the consumer to hand it work, up to `limit` more
+///    calls may wait in their queue (not with [`ParImap::semaphore`], whose
+///    permits are for running calls only). They count in the window, and a
+///    queued call that is no longer wanted never starts.
 /// 3. **Concurrency.** At most `limit` mapper calls run at once. A call's slot
 ///    frees as soon as it ends, so a slow item does not idle the others while
 ///    the window has room.

@@ -42,12 +42,14 @@
     rust_2018_idioms
 )]
 
+mod call;
 mod engine;
 mod error;
 mod ext;
 mod init;
 pub mod kind;
 mod spawn;
+mod workers;
 
 pub use engine::ParImap;
 
@@ -55,9 +57,9 @@ pub use engine::ParImap;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+pub use call::is_cancelled;
 pub use error::Error;
 pub use ext::ParImapExt;
-pub use spawn::is_cancelled;
 
 /// `use par_imap::prelude::*;` brings the extension trait into scope.
 ///

@@ -13,12 +13,11 @@ use tokio::time::sleep;
 
 #[test]
 fn blocking_drop_starts_nothing_new_even_if_a_call_is_queued() {
-    // Two blocking threads, both blocked by items 0 and 1: item 2's call
-    // waits in the pool's queue when the stream is dropped. It must never
-    // call the mapper, and its input must still be dropped.
+    // Limit 2: items 0 and 1 block both workers, and items 2 and 3 wait in
+    // the queue behind them when the stream is dropped. They must never
+    // reach the mapper, and their inputs must still be dropped.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .max_blocking_threads(2)
         .build()
         .unwrap();
     let (gates, calls, tracker) = (Gates::default(), Calls::default(), Tracker::default());
@@ -28,7 +27,7 @@ fn blocking_drop_starts_nothing_new_even_if_a_call_is_queued() {
         let mut results =
             stream::iter(0..100)
                 .map(move |i| inputs.track(i))
-                .par_imap(3, move |item: Tracked| {
+                .par_imap(2, move |item: Tracked| {
                     let _running = count.enter(item.value);
                     wait.wait(item.value);
                     outputs.track(item.value)
@@ -37,9 +36,9 @@ fn blocking_drop_starts_nothing_new_even_if_a_call_is_queued() {
             _ = results.next() => panic!("every call is blocked"),
             _ = eventually_async("items 0 and 1 to run", || calls.running() == 2) => {}
         }
-        assert_eq!(tracker.created(), 3, "items 0..3 pulled");
+        assert_eq!(tracker.created(), 4, "items 0..4 pulled");
     });
-    for i in 0..3 {
+    for i in 0..4 {
         gates.open(i);
     }
     tracker.wait_all_dropped();
