@@ -1,0 +1,425 @@
+//! par-imap side by side with the peers a user would otherwise pick, in one
+//! process, printed as markdown tables (items per second, median of 3 runs).
+//!
+//! ```text
+//! cargo run --release --example compare            # everything, under 2 minutes
+//! cargo run --release --example compare -- quick   # fewer items, a smoke run
+//! ```
+//!
+//! CPU-bound work is a xorshift loop (no memory traffic), calibrated at start
+//! to ~0.15 µs, ~16 µs and ~165 µs per item; limit 2 (this machine's cores);
+//! the consumer folds the results in `block_on`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use par_imap::ParImapExt;
+use rayon::prelude::*;
+
+const LIMIT: usize = 2;
+
+/// `rounds` xorshift steps seeded by `seed`: pure CPU, no memory traffic.
+fn work(seed: u64, rounds: u64) -> u64 {
+    let mut x = seed | 1;
+    for _ in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    black_box(x)
+}
+
+/// Rounds of `work` that take about `micros` µs here.
+fn calibrate(micros: f64) -> u64 {
+    let rounds = 2_000_000;
+    let start = Instant::now();
+    black_box(work(1, rounds));
+    let per_round = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
+    ((micros / per_round) as u64).max(1)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(LIMIT)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+/// Median items/s of three runs of `run`, which maps `items` items and
+/// returns a checksum (checked equal across runs and peers).
+fn measure(items: u64, mut run: impl FnMut() -> u64) -> (f64, u64) {
+    let mut rates = Vec::new();
+    let mut checksum = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        checksum = run();
+        rates.push(items as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(f64::total_cmp);
+    (rates[1], checksum)
+}
+
+fn rate(items_per_second: f64) -> String {
+    if items_per_second >= 1e6 {
+        format!("{:.2} M/s", items_per_second / 1e6)
+    } else if items_per_second >= 1e3 {
+        format!("{:.1} k/s", items_per_second / 1e3)
+    } else {
+        format!("{items_per_second:.0} /s")
+    }
+}
+
+struct Row {
+    name: &'static str,
+    rates: Vec<f64>,
+}
+
+fn cpu_table(quick: bool) {
+    let rt = runtime();
+    let workloads: Vec<(&str, f64, u64, usize)> = vec![
+        // (label, µs per item, items, batch for par_imap)
+        (
+            "~0.15 µs",
+            0.15,
+            if quick { 100_000 } else { 400_000 },
+            1024,
+        ),
+        ("~16 µs", 16.0, if quick { 2_000 } else { 20_000 }, 1),
+        ("~165 µs", 165.0, if quick { 200 } else { 2_000 }, 1),
+    ];
+    let names = [
+        "serial loop",
+        "rayon par_iter (Vec)",
+        "pariter",
+        "futures buffered (in-task)",
+        "buffered over spawn_blocking",
+        "par-stream par_map",
+        "par_imap",
+        "par_imap + batch",
+    ];
+    let mut rows: Vec<Row> = names
+        .iter()
+        .map(|name| Row {
+            name,
+            rates: Vec::new(),
+        })
+        .collect();
+    for &(label, micros, items, batch) in &workloads {
+        let rounds = calibrate(micros);
+        eprintln!("{label}: {rounds} rounds per item, {items} items");
+        let expected = (0..items)
+            .map(|i| work(i, rounds))
+            .fold(0, u64::wrapping_add);
+        let mut results = Vec::new();
+        results.push(measure(items, || {
+            (0..items)
+                .map(|i| work(i, rounds))
+                .fold(0, u64::wrapping_add)
+        }));
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(LIMIT)
+            .build()
+            .expect("rayon");
+        results.push(measure(items, || {
+            let input: Vec<u64> = (0..items).collect();
+            pool.install(|| {
+                input
+                    .par_iter()
+                    .map(|&i| work(i, rounds))
+                    .reduce(|| 0, u64::wrapping_add)
+            })
+        }));
+        results.push(measure(items, || {
+            use pariter::IteratorExt;
+            (0..items)
+                .parallel_map_custom(|o| o.threads(LIMIT), move |i| work(i, rounds))
+                .fold(0, u64::wrapping_add)
+        }));
+        results.push(measure(items, || {
+            rt.block_on(
+                stream::iter(0..items)
+                    .map(|i| async move { work(i, rounds) })
+                    .buffered(LIMIT)
+                    .fold(0_u64, |sum, x| async move { sum.wrapping_add(x) }),
+            )
+        }));
+        results.push(measure(items, || {
+            rt.block_on(
+                stream::iter(0..items)
+                    .map(|i| tokio::task::spawn_blocking(move || work(i, rounds)))
+                    .buffered(LIMIT)
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+            )
+            .expect("no panics")
+        }));
+        results.push(measure(items, || {
+            use par_stream::prelude::*;
+            // par-stream spawns its workers when the method is called.
+            rt.block_on(async {
+                stream::iter(0..items)
+                    .par_map(LIMIT, move |i| move || work(i, rounds))
+                    .fold(0_u64, |sum, x| async move { sum.wrapping_add(x) })
+                    .await
+            })
+        }));
+        results.push(measure(items, || {
+            rt.block_on(
+                stream::iter(0..items)
+                    .par_imap(LIMIT, move |i| work(i, rounds))
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+            )
+            .expect("no panics")
+        }));
+        results.push(measure(items, || {
+            rt.block_on(
+                stream::iter(0..items)
+                    .par_imap(LIMIT, move |i| work(i, rounds))
+                    .batch(batch.max(16))
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+            )
+            .expect("no panics")
+        }));
+        for (row, (items_per_second, checksum)) in rows.iter_mut().zip(results) {
+            assert_eq!(checksum, expected, "{} computed something else", row.name);
+            row.rates.push(items_per_second);
+        }
+    }
+
+    println!(
+        "## CPU-bound map, limit {LIMIT}, items/s (median of 3), ratio to rayon / to serial\n"
+    );
+    print!("| peer |");
+    for (label, ..) in &workloads {
+        print!(" {label} |");
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(workloads.len()));
+    let serial = rows[0].rates.clone();
+    let rayon = rows[1].rates.clone();
+    for row in &rows {
+        print!("| {} |", row.name);
+        for (column, &value) in row.rates.iter().enumerate() {
+            print!(
+                " {} ({:.2}× rayon, {:.2}× serial) |",
+                rate(value),
+                value / rayon[column],
+                value / serial[column]
+            );
+        }
+        println!();
+    }
+    println!(
+        "\npar_imap + batch uses batch({}) for ~0.15 µs items and batch(16) otherwise.\n",
+        workloads[0].3
+    );
+}
+
+fn async_table(quick: bool) {
+    let rt = runtime();
+    let items = if quick { 20_000 } else { 200_000 };
+    println!("## Async: trivial futures, limit 64, items/s (median of 3)\n");
+    println!("| consumer | buffered over tokio::spawn | par_imap_async | ratio |");
+    println!("|---|---|---|---|");
+    for in_task in [false, true] {
+        let spawned = measure(items, || {
+            let fold = async move {
+                stream::iter(0..items)
+                    .map(|i| tokio::spawn(async move { i }))
+                    .buffered(64)
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                    .await
+                    .expect("no panics")
+            };
+            if in_task {
+                rt.block_on(rt.spawn(fold)).expect("no panics")
+            } else {
+                rt.block_on(fold)
+            }
+        });
+        let ours = measure(items, || {
+            let fold = async move {
+                stream::iter(0..items)
+                    .par_imap_async(64, |i| async move { i })
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                    .await
+                    .expect("no panics")
+            };
+            if in_task {
+                rt.block_on(rt.spawn(fold)).expect("no panics")
+            } else {
+                rt.block_on(fold)
+            }
+        });
+        assert_eq!(spawned.1, ours.1);
+        println!(
+            "| {} | {} | {} | {:.2}× |",
+            if in_task { "spawned task" } else { "block_on" },
+            rate(spawned.0),
+            rate(ours.0),
+            ours.0 / spawned.0
+        );
+    }
+
+    let sleeps = if quick { 5_000 } else { 20_000 };
+    let wall = |run: &dyn Fn() -> u64| {
+        let mut times: Vec<Duration> = (0..3)
+            .map(|_| {
+                let start = Instant::now();
+                assert_eq!(run(), sleeps);
+                start.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[1]
+    };
+    let buffered = wall(&|| {
+        rt.block_on(
+            stream::iter(0..sleeps)
+                .map(|_| tokio::time::sleep(Duration::from_millis(1)))
+                .buffered(256)
+                .fold(0, |n, ()| async move { n + 1 }),
+        )
+    });
+    let ours = wall(&|| {
+        rt.block_on(
+            stream::iter(0..sleeps)
+                .par_imap_async(256, |_| tokio::time::sleep(Duration::from_millis(1)))
+                .try_fold(0, |n, ()| async move { Ok(n + 1) }),
+        )
+        .expect("no panics")
+    });
+    println!(
+        "\n{sleeps} futures sleeping 1 ms, limit 256: futures `buffered(256)` in-task {:.0} ms, \
+         par_imap_async {:.0} ms: {:.2}× the wall time (ideal {} ms)\n",
+        buffered.as_secs_f64() * 1e3,
+        ours.as_secs_f64() * 1e3,
+        ours.as_secs_f64() / buffered.as_secs_f64(),
+        sleeps / 256
+    );
+}
+
+fn skew_table(quick: bool) {
+    let rt = runtime();
+    let rounds = calibrate(20.0);
+    let items = if quick { 2_000 } else { 20_000 };
+    // One item in 100 takes 50× longer.
+    let cost = move |i: u64| if i % 100 == 0 { rounds * 50 } else { rounds };
+    let ordered = measure(items, || {
+        rt.block_on(
+            stream::iter(0..items)
+                .par_imap(LIMIT, move |i| work(i, cost(i)))
+                .window(16 * LIMIT)
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+        )
+        .expect("no panics")
+    });
+    let unordered = measure(items, || {
+        rt.block_on(
+            stream::iter(0..items)
+                .par_imap_unordered(LIMIT, move |i| work(i, cost(i)))
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+        )
+        .expect("no panics")
+    });
+    assert_eq!(ordered.1, unordered.1);
+    println!("## Skew: 1 item in 100 takes 50× longer (~20 µs / ~1 ms), limit {LIMIT}\n");
+    println!("| par_imap, window 16 × limit | par_imap_unordered | ratio |");
+    println!("|---|---|---|");
+    println!(
+        "| {} | {} | {:.2}× |\n",
+        rate(ordered.0),
+        rate(unordered.0),
+        ordered.0 / unordered.0
+    );
+}
+
+/// Peak RSS of this process, from /proc (Linux), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Child mode: maps `items` items to 1 KiB outputs and prints peak RSS.
+fn memory_child(items: u64) {
+    let rt = runtime();
+    let total = rt
+        .block_on(
+            stream::iter(0..items)
+                .par_imap(LIMIT, |i| vec![(i % 251) as u8; 1024])
+                .batch(64)
+                .try_fold(0_u64, |sum, kib| async move { Ok(sum + u64::from(kib[0])) }),
+        )
+        .expect("no panics");
+    black_box(total);
+    println!("{}", peak_rss_kib().unwrap_or(0));
+}
+
+fn memory_table(quick: bool) {
+    let exe = std::env::current_exe().expect("own path");
+    let peak = |items: u64| -> Option<u64> {
+        let out = std::process::Command::new(&exe)
+            .args(["memory-child", &items.to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    let (small, large) = (100_000, if quick { 1_000_000 } else { 10_000_000 });
+    let (Some(small_kib), Some(large_kib)) = (peak(small), peak(large)) else {
+        println!("## Memory\n\n(peak RSS unavailable: no /proc here)\n");
+        return;
+    };
+    println!("## Memory: 1 KiB outputs, peak RSS (VmHWM) of a fresh process\n");
+    println!("| items | peak RSS |");
+    println!("|---|---|");
+    println!("| {small} | {:.1} MiB |", small_kib as f64 / 1024.0);
+    println!("| {large} | {:.1} MiB |", large_kib as f64 / 1024.0);
+    println!(
+        "\n{}× the items, {:+.1} MiB ({:+.1} %) of peak memory.\n",
+        large / small,
+        (large_kib as f64 - small_kib as f64) / 1024.0,
+        (large_kib as f64 / small_kib as f64 - 1.0) * 100.0
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, items] = args.as_slice()
+        && mode == "memory-child"
+    {
+        memory_child(items.parse().expect("an item count"));
+        return;
+    }
+    if let [mode, micros, items, batch] = args.as_slice()
+        && mode == "one"
+    {
+        // Profiling aid: one par_imap run, nothing else.
+        let (micros, items, batch): (f64, u64, usize) = (
+            micros.parse().expect("µs"),
+            items.parse().expect("items"),
+            batch.parse().expect("batch"),
+        );
+        let rounds = calibrate(micros);
+        let (rate_now, _) = measure(items, || {
+            runtime()
+                .block_on(
+                    stream::iter(0..items)
+                        .par_imap(LIMIT, move |i| work(i, rounds))
+                        .batch(batch)
+                        .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+                )
+                .expect("no panics")
+        });
+        println!("{}", rate(rate_now));
+        return;
+    }
+    let quick = args.first().is_some_and(|arg| arg == "quick");
+    let start = Instant::now();
+    cpu_table(quick);
+    async_table(quick);
+    skew_table(quick);
+    memory_table(quick);
+    eprintln!("done in {:.0} s", start.elapsed().as_secs_f64());
+}
