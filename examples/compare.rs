@@ -392,9 +392,10 @@ fn main() {
         memory_child(items.parse().expect("an item count"));
         return;
     }
-    if let [mode, micros, items, batch] = args.as_slice()
+    if let [mode, micros, items, batch, window] = args.as_slice()
         && mode == "one"
     {
+        let window: usize = window.parse().expect("window");
         // Profiling aid: one par_imap run, nothing else.
         let (micros, items, batch): (f64, u64, usize) = (
             micros.parse().expect("µs"),
@@ -408,11 +409,16 @@ fn main() {
                     stream::iter(0..items)
                         .par_imap(LIMIT, move |i| work(i, rounds))
                         .batch(batch)
+                        .window(window)
                         .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
                 )
                 .expect("no panics")
         });
         println!("{}", rate(rate_now));
+        return;
+    }
+    if args.first().is_some_and(|arg| arg == "async") {
+        async_table(false);
         return;
     }
     let quick = args.first().is_some_and(|arg| arg == "quick");

@@ -6,7 +6,7 @@
 //! engine tracks calls by the index of their first item.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -25,7 +25,7 @@ use tokio_util::sync::{CancellationToken, PollSemaphore, WaitForCancellationFutu
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
-use crate::call::{Call, Event, Results, Shared};
+use crate::call::{Batch, BatchIter, Call, Event, Results, Shared};
 use crate::spawn::{Batching, Kind, Output, Runner, Spawn};
 
 pin_project! {
@@ -86,7 +86,7 @@ enum Slot<U> {
 struct Drain<U> {
     /// The index of the next result.
     next: usize,
-    results: std::vec::IntoIter<Result<U, Error>>,
+    results: BatchIter<Result<U, Error>>,
 }
 
 impl<U> Drain<U> {
@@ -105,6 +105,75 @@ impl<U> Iterator for Drain<U> {
         let result = self.results.next()?;
         self.next += 1;
         Some(result)
+    }
+}
+
+/// Calls not yet fully yielded, by the index of their first item, in
+/// increasing order. In input order they span at most the window; in
+/// completion order only running calls stay, at most `limit` (or `2 * limit`
+/// with queued blocking calls). A sorted deque beats a hash map at that size.
+#[derive(Debug)]
+struct Calls<U> {
+    calls: VecDeque<(usize, Slot<U>)>,
+}
+
+impl<U> Calls<U> {
+    fn position(&self, first: usize) -> Option<usize> {
+        self.calls
+            .binary_search_by_key(&first, |&(call, _)| call)
+            .ok()
+    }
+
+    fn is_running(&self, first: usize) -> bool {
+        self.position(first)
+            .is_some_and(|at| matches!(self.calls[at].1, Slot::Running(_)))
+    }
+
+    /// Calls start in input order, so a new one goes last.
+    fn push(&mut self, first: usize, slot: Slot<U>) {
+        self.calls.push_back((first, slot));
+    }
+
+    /// Replacing a running slot aborts an async call (a timeout).
+    fn set_done(&mut self, first: usize, drain: Drain<U>) {
+        if let Some(at) = self.position(first) {
+            self.calls[at].1 = Slot::Done(drain);
+        }
+    }
+
+    fn remove(&mut self, first: usize) {
+        if let Some(at) = self.position(first) {
+            self.calls.remove(at);
+        }
+    }
+
+    /// Drops (and so aborts) every call that starts after `index`.
+    fn truncate_after(&mut self, index: usize) {
+        let keep = self.calls.partition_point(|&(call, _)| call <= index);
+        self.calls.truncate(keep);
+    }
+
+    /// The results of the call starting at `head`, once it has finished.
+    fn pop_done(&mut self, head: usize) -> Option<Drain<U>> {
+        match self.calls.front() {
+            Some((first, Slot::Done(_))) if *first == head => match self.calls.pop_front() {
+                Some((_, Slot::Done(drain))) => Some(drain),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn lowest(&self) -> Option<usize> {
+        self.calls.front().map(|&(first, _)| first)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.calls.clear();
     }
 }
 
@@ -133,8 +202,8 @@ struct Engine<U> {
     _cancel_on_drop: CancelOnDrop,
     report: UnboundedSender<Event<U>>,
     events: UnboundedReceiver<Event<U>>,
-    /// Calls not yet fully yielded, by the index of their first item.
-    slots: HashMap<usize, Slot<U>>,
+    /// Calls not yet fully yielded.
+    slots: Calls<U>,
     /// The results being yielded now.
     draining: Option<Drain<U>>,
     /// Completion order only: finished calls waiting to be yielded.
@@ -193,7 +262,9 @@ where
                 shared,
                 report,
                 events,
-                slots: HashMap::new(),
+                slots: Calls {
+                    calls: VecDeque::new(),
+                },
                 draining: None,
                 ready: VecDeque::new(),
                 head: 0,
@@ -440,8 +511,8 @@ impl<U> Engine<U> {
             Order::Input => self.head,
             Order::Completion => self
                 .slots
-                .keys()
-                .copied()
+                .lowest()
+                .into_iter()
                 .chain(
                     self.draining
                         .iter()
@@ -484,7 +555,7 @@ impl<U> Engine<U> {
                 self.deadlines.pop();
             } else if deadline <= Instant::now() {
                 self.deadlines.pop();
-                self.complete(first, vec![Err(Error::timeout(first))], true);
+                self.complete(first, Batch::One(Err(Error::timeout(first))), true);
             } else {
                 let timer = self
                     .timer
@@ -500,7 +571,7 @@ impl<U> Engine<U> {
     }
 
     fn is_running(&self, first: usize) -> bool {
-        matches!(self.slots.get(&first), Some(Slot::Running(_)))
+        self.slots.is_running(first)
     }
 
     /// Records the results of the call over `first..`; a failure (always
@@ -510,16 +581,15 @@ impl<U> Engine<U> {
         let drain = Drain::new(first, results);
         match self.order {
             Order::Input => {
-                // Replacing the running slot aborts a timed-out async call.
-                self.slots.insert(first, Slot::Done(drain));
+                self.slots.set_done(first, drain);
                 if failed && self.failed_at.is_none_or(|earlier| failure < earlier) {
                     self.failed_at = Some(failure);
                     self.shared.failed_at(failure);
-                    self.slots.retain(|&call, _| call <= failure);
+                    self.slots.truncate_after(failure);
                 }
             }
             Order::Completion => {
-                self.slots.remove(&first);
+                self.slots.remove(first);
                 self.ready.push_back(drain);
                 if failed {
                     self.failed_at = Some(failure);
@@ -556,8 +626,8 @@ impl<U> Engine<U> {
                 Poll::Ready(None) => {
                     let index = self.pulled;
                     self.pulled += 1;
-                    self.slots.insert(index, Slot::Running(None));
-                    self.complete(index, vec![Err(Error::cancelled(index))], true);
+                    self.slots.push(index, Slot::Running(None));
+                    self.complete(index, Batch::One(Err(Error::cancelled(index))), true);
                     return Poll::Ready(false);
                 }
                 Poll::Pending => return Poll::Pending,
@@ -568,23 +638,36 @@ impl<U> Engine<U> {
 
     /// Pulls the items of the next call: at least one, at most `batch`, only
     /// what the input has ready and the window has room for.
-    fn pull<St: Stream>(&mut self, mut input: Pin<&mut St>, cx: &mut Context<'_>) -> Vec<St::Item> {
+    fn pull<St: Stream>(
+        &mut self,
+        mut input: Pin<&mut St>,
+        cx: &mut Context<'_>,
+    ) -> Option<Batch<St::Item>> {
         let room = (self.window() - (self.pulled - self.yielded)).min(self.batch);
+        let mut next = || match input.as_mut().poll_next(cx) {
+            Poll::Ready(Some(item)) => Some(item),
+            Poll::Ready(None) => {
+                self.input_done = true;
+                None
+            }
+            Poll::Pending => None,
+        };
+        let first = next()?;
+        if room == 1 {
+            return Some(Batch::One(first));
+        }
         let mut items = Vec::with_capacity(room.min(1024));
+        items.push(first);
         while items.len() < room {
-            match input.as_mut().poll_next(cx) {
-                Poll::Ready(Some(item)) => items.push(item),
-                Poll::Ready(None) => {
-                    self.input_done = true;
-                    break;
-                }
-                Poll::Pending => break,
+            match next() {
+                Some(item) => items.push(item),
+                None => break,
             }
         }
-        items
+        Some(Batch::Many(items))
     }
 
-    fn start<T, F, K: Kind<T, F>>(&mut self, runner: &Runner<K, T, F>, items: Vec<T>)
+    fn start<T, F, K: Kind<T, F>>(&mut self, runner: &Runner<K, T, F>, items: Batch<T>)
     where
         K::Spawner: Spawn<T, F, Output = U>,
     {
@@ -599,7 +682,7 @@ impl<U> Engine<U> {
         self.pulled += items.len();
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         let abort = K::Spawner::spawn(runner, runtime, items, call, K::is_failure);
-        self.slots.insert(first, Slot::Running(abort));
+        self.slots.push(first, Slot::Running(abort));
         self.in_flight += 1;
     }
 
@@ -612,14 +695,7 @@ impl<U> Engine<U> {
                 return Some(result);
             }
             self.draining = Some(match self.order {
-                Order::Input => match self.slots.remove(&self.head) {
-                    Some(Slot::Done(drain)) => drain,
-                    Some(running) => {
-                        self.slots.insert(self.head, running);
-                        return None;
-                    }
-                    None => return None,
-                },
+                Order::Input => self.slots.pop_done(self.head)?,
                 Order::Completion => self.ready.pop_front()?,
             });
         }
@@ -682,13 +758,12 @@ where
                 Poll::Ready(true) => {}
                 Poll::Ready(false) | Poll::Pending => break,
             }
-            let items = engine.pull(this.input.as_mut(), cx);
-            if items.is_empty() {
+            let Some(items) = engine.pull(this.input.as_mut(), cx) else {
                 // Do not sit on a permit of the shared budget while the
                 // input has nothing to give.
                 engine.reserved = None;
                 break;
-            }
+            };
             engine.start::<St::Item, F, K>(this.runner, items);
         }
         if !engine.can_start() {

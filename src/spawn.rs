@@ -16,7 +16,7 @@ use tokio::runtime::Handle;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
-use crate::call::{Call, IsFailure};
+use crate::call::{Batch, Call, IsFailure};
 use crate::kind::{Async, Blocking, Try};
 use crate::workers::Workers;
 
@@ -57,7 +57,7 @@ pub trait Spawn<T, F> {
     fn spawn(
         runner: &Self::Runner,
         runtime: &Handle,
-        items: Vec<T>,
+        items: Batch<T>,
         call: Call<Self::Output>,
         is_failure: IsFailure<Self::Output>,
     ) -> Option<AbortOnDropHandle<()>>;
@@ -80,7 +80,7 @@ where
     fn spawn(
         runner: &Workers<T, F>,
         runtime: &Handle,
-        items: Vec<T>,
+        items: Batch<T>,
         call: Call<F::Output>,
         is_failure: IsFailure<F::Output>,
     ) -> Option<AbortOnDropHandle<()>> {
@@ -107,7 +107,7 @@ where
     fn spawn(
         mapper: &Arc<F>,
         runtime: &Handle,
-        items: Vec<T>,
+        items: Batch<T>,
         call: Call<Fut::Output>,
         _is_failure: IsFailure<Fut::Output>,
     ) -> Option<AbortOnDropHandle<()>> {
@@ -118,12 +118,15 @@ where
             // Async calls take one item each. The mapper itself is called
             // inside the task, so an aborted task that never ran never calls it.
             let result = AssertUnwindSafe(async move {
+                // The engine never batches async calls (`QUEUES` is false).
                 let item = items.into_iter().next();
                 mapper(item.expect("an async call has one item")).await
             })
             .catch_unwind()
             .await;
-            call.finish(vec![result.map_err(|payload| Error::panic(index, payload))]);
+            call.finish(Batch::One(
+                result.map_err(|payload| Error::panic(index, payload)),
+            ));
         });
         Some(AbortOnDropHandle::new(task))
     }

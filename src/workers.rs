@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 
 use crate::Error;
-use crate::call::{Call, Current, IsFailure, Results};
+use crate::call::{Batch, Call, Current, IsFailure};
 use crate::spawn::Mapper;
 
 /// How long an idle worker waits for work before it gives its thread back.
@@ -46,7 +46,7 @@ struct Queue<T, U> {
 
 /// One call: its items, its ticket, and what counts as a failure.
 struct Job<T, U> {
-    items: Vec<T>,
+    items: Batch<T>,
     call: Call<U>,
     is_failure: IsFailure<U>,
 }
@@ -79,7 +79,7 @@ where
     pub(crate) fn push(
         &self,
         runtime: &Handle,
-        items: Vec<T>,
+        items: Batch<T>,
         call: Call<F::Output>,
         is_failure: IsFailure<F::Output>,
     ) {
@@ -227,22 +227,34 @@ impl<T, U> Job<T, U> {
             return;
         }
         call.start();
-        let mut results: Results<U> = Vec::with_capacity(items.len());
-        for (index, item) in (first..).zip(items) {
-            if index > first && call.is_cancelled(index) {
-                break;
-            }
+        let map_one = |index: usize, item: T| {
             let current = Current::enter(&call, index);
             let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))
                 .map_err(|payload| Error::panic(index, payload));
             drop(current);
             let failed = is_failure(&result);
-            results.push(result);
             if failed {
                 call.failed_at(index);
-                break;
             }
-        }
+            (result, failed)
+        };
+        let results = match items {
+            Batch::One(item) => Batch::One(map_one(first, item).0),
+            Batch::Many(items) => {
+                let mut results = Vec::with_capacity(items.len());
+                for (index, item) in (first..).zip(items) {
+                    if index > first && call.is_cancelled(index) {
+                        break;
+                    }
+                    let (result, failed) = map_one(index, item);
+                    results.push(result);
+                    if failed {
+                        break;
+                    }
+                }
+                Batch::Many(results)
+            }
+        };
         call.finish(results);
     }
 }
