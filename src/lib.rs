@@ -48,6 +48,7 @@ mod error;
 mod ext;
 mod init;
 pub mod kind;
+pub mod process;
 mod spawn;
 mod workers;
 

@@ -1,0 +1,224 @@
+//! Mapper work in a child process, for work that can crash the process:
+//! native code, untrusted input, external tools.
+//!
+//! Threads cannot be killed one by one; processes can. Run each call as a
+//! child with [`output`] inside
+//! [`try_par_imap_async`](crate::ParImapExt::try_par_imap_async), and a
+//! child killed by a signal becomes an error at its item's index, a hung one
+//! is killed at its [`timeout`](crate::ParImap::timeout), and dropping the
+//! stream kills every child still running: no hang, no orphan.
+//!
+//! ```
+//! # #[cfg(unix)] {
+//! use futures::StreamExt;
+//! use par_imap::{ParImapExt, process};
+//! use tokio::process::Command;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let results: Vec<_> = futures::stream::iter(["3", "kill", "4"])
+//!     .try_par_imap_async(2, |arg: &str| {
+//!         let mut command = Command::new("sh");
+//!         command.arg("-c").arg(r#"[ "$1" = kill ] && kill -TERM $$; echo $(($1 * $1))"#).arg("sh").arg(arg);
+//!         process::output(command, Vec::new())
+//!     })
+//!     .collect()
+//!     .await;
+//! assert_eq!(results[0].as_ref().unwrap(), b"9\n");
+//! assert_eq!(results[1].as_ref().unwrap_err().signal(), Some(15));
+//! assert_eq!(results.len(), 2);
+//! # }
+//! # }
+//! ```
+
+use std::fmt;
+use std::io;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// Why a child process did not produce its output.
+#[derive(Debug)]
+pub enum ProcessError {
+    /// The command could not be started, or its pipes failed.
+    Io(io::Error),
+    /// The child was killed by a signal (Unix): its number is
+    /// [`signal`](ProcessError::signal).
+    Killed {
+        /// The signal's number, e.g. 15 for `SIGTERM`, 9 for `SIGKILL`.
+        signal: i32,
+        /// What the child wrote to stderr before it died.
+        stderr: Vec<u8>,
+    },
+    /// The child exited with a non-zero status.
+    Exited {
+        /// The exit code.
+        code: i32,
+        /// What the child wrote to stderr.
+        stderr: Vec<u8>,
+    },
+    /// The map failed the item: a timeout (the child was killed), a
+    /// cancellation, or a panic in the mapper.
+    Map(crate::Error),
+}
+
+impl ProcessError {
+    /// The signal that killed the child, if one did.
+    ///
+    /// ```
+    /// use par_imap::process::ProcessError;
+    /// let killed = ProcessError::Killed { signal: 9, stderr: Vec::new() };
+    /// assert_eq!(killed.signal(), Some(9));
+    /// assert_eq!(killed.to_string(), "child killed by signal 9 (SIGKILL)");
+    /// ```
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            ProcessError::Killed { signal, .. } => Some(*signal),
+            _ => None,
+        }
+    }
+
+    /// Whether the map timed the item out (and so killed its child).
+    ///
+    /// ```
+    /// use par_imap::process::ProcessError;
+    /// assert!(!ProcessError::Exited { code: 1, stderr: Vec::new() }.is_timeout());
+    /// ```
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProcessError::Map(error) if error.is_timeout())
+    }
+
+    fn from_status(status: ExitStatus, stderr: Vec<u8>) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            if let Some(signal) = status.signal() {
+                return ProcessError::Killed { signal, stderr };
+            }
+        }
+        ProcessError::Exited {
+            // No code and no signal cannot happen on Unix; elsewhere it
+            // means the platform gave none.
+            code: status.code().unwrap_or(-1),
+            stderr,
+        }
+    }
+}
+
+/// The usual name of a signal, for messages.
+fn signal_name(signal: i32) -> Option<&'static str> {
+    Some(match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return None,
+    })
+}
+
+impl fmt::Display for ProcessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessError::Io(error) => write!(f, "child process i/o failed: {error}"),
+            ProcessError::Killed { signal, .. } => match signal_name(*signal) {
+                Some(name) => write!(f, "child killed by signal {signal} ({name})"),
+                None => write!(f, "child killed by signal {signal}"),
+            },
+            ProcessError::Exited { code, .. } => write!(f, "child exited with status {code}"),
+            ProcessError::Map(error) => error.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ProcessError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProcessError::Io(error) => Some(error),
+            ProcessError::Map(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<crate::Error> for ProcessError {
+    fn from(error: crate::Error) -> Self {
+        ProcessError::Map(error)
+    }
+}
+
+impl From<io::Error> for ProcessError {
+    fn from(error: io::Error) -> Self {
+        ProcessError::Io(error)
+    }
+}
+
+/// Runs `command` with `stdin` as its standard input and returns its
+/// standard output, like a shell pipe: the input is written while the output
+/// is read, so a child that writes before it has read everything cannot
+/// deadlock.
+///
+/// The child is killed when the returned future is dropped: when the map
+/// aborts the call (fail-fast, [`timeout`](crate::ParImap::timeout), the
+/// stream dropped). tokio reaps killed children in the background, so none
+/// is left running or as a zombie.
+///
+/// # Errors
+///
+/// [`ProcessError::Killed`] if a signal killed the child,
+/// [`ProcessError::Exited`] for a non-zero exit status,
+/// [`ProcessError::Io`] if it could not be started or its pipes failed. A
+/// child that closes its stdin early is not an error: it did not want the
+/// rest.
+///
+/// # Examples
+///
+/// ```
+/// # #[cfg(unix)] {
+/// use tokio::process::Command;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), par_imap::process::ProcessError> {
+/// let mut tr = Command::new("tr");
+/// tr.arg("a-z").arg("A-Z");
+/// assert_eq!(par_imap::process::output(tr, b"shout".to_vec()).await?, b"SHOUT");
+/// # Ok(())
+/// # }
+/// # }
+/// ```
+pub async fn output(mut command: Command, stdin: Vec<u8>) -> Result<Vec<u8>, ProcessError> {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn()?;
+    let mut pipe = child.stdin.take();
+    let feed = async move {
+        if let Some(pipe) = &mut pipe {
+            match pipe.write_all(&stdin).await {
+                // The child stopped reading: it has what it wanted.
+                Err(error) if error.kind() == io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
+        }
+        // Dropping the pipe closes it: end of input for the child.
+        drop(pipe);
+        Ok::<_, io::Error>(())
+    };
+    let (fed, output) = futures::future::join(feed, child.wait_with_output()).await;
+    let output = output?;
+    if !output.status.success() {
+        return Err(ProcessError::from_status(output.status, output.stderr));
+    }
+    fed?;
+    Ok(output.stdout)
+}

@@ -1,0 +1,202 @@
+//! Mapper work in child processes that can be killed: an error at its index,
+//! no hang, no orphan, no zombie.
+#![cfg(unix)]
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::{Calls, eventually};
+use futures::{StreamExt, TryStreamExt, stream};
+use par_imap::ParImapExt;
+use par_imap::process::{self, ProcessError};
+use tokio::process::Command;
+
+/// A duration of about ten minutes unique to this call: as the argument of
+/// `sleep`, it marks that process among every process on the machine.
+fn marker() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let unique = NEXT.fetch_add(1, Ordering::SeqCst);
+    format!("600.{}{unique:04}", std::process::id())
+}
+
+fn sleep(marker: &str) -> Command {
+    let mut sleep = Command::new("sleep");
+    sleep.arg(marker);
+    sleep
+}
+
+/// Processes whose command line contains `marker`.
+fn running_with(marker: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
+        .count()
+}
+
+/// Zombie children of this process.
+fn zombies() -> usize {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter(|stat| {
+            // "pid (comm) state ppid ...": comm may hold spaces, so split
+            // after its closing parenthesis.
+            let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+            let mut fields = after.split_whitespace();
+            fields.next() == Some("Z") && fields.next() == Some(me.as_str())
+        })
+        .count()
+}
+
+fn shell(script: &str) -> Command {
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(script);
+    command
+}
+
+async fn killed_by_own_signal_is_an_error_at_its_index(signal: &str, number: i32) {
+    let calls = Calls::default();
+    let count = calls.clone();
+    let script = format!("kill -{signal} $$");
+    let out: Vec<Result<Vec<u8>, ProcessError>> = stream::iter(0..20_usize)
+        .try_par_imap_async(1, move |n| {
+            let _started = count.enter(n);
+            let command = if n == 5 { shell(&script) } else { shell("cat") };
+            process::output(command, n.to_string().into_bytes())
+        })
+        .timeout(Duration::from_secs(30))
+        .collect()
+        .await;
+    assert_eq!(out.len(), 6, "items 0..5, then the failure, then the end");
+    for (n, result) in out[..5].iter().enumerate() {
+        assert_eq!(result.as_ref().unwrap(), n.to_string().as_bytes());
+    }
+    let error = out[5].as_ref().unwrap_err();
+    assert_eq!(error.signal(), Some(number));
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("signal {number} (SIG{signal})")),
+        "{error}"
+    );
+    assert_eq!(
+        calls.started_indices(),
+        [0, 1, 2, 3, 4, 5],
+        "nothing starts after it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_killed_by_sigterm_is_an_error_at_its_index() {
+    killed_by_own_signal_is_an_error_at_its_index("TERM", 15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_killed_by_sigkill_is_an_error_at_its_index() {
+    killed_by_own_signal_is_an_error_at_its_index("KILL", 9).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_child_is_killed_at_its_timeout() {
+    let hung = marker();
+    let name = hung.clone();
+    let mut results = stream::iter([0])
+        .try_par_imap_async(1, move |_: i32| process::output(sleep(&name), Vec::new()))
+        .timeout(Duration::from_millis(300));
+    let error = tokio::time::timeout(Duration::from_secs(20), results.next())
+        .await
+        .expect("the timeout fires")
+        .unwrap()
+        .unwrap_err();
+    assert!(error.is_timeout(), "{error}");
+    eventually("the hung child to be killed", || running_with(&hung) == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stream_after_three_items_leaves_no_child_running() {
+    let markers: Vec<String> = (0..10).map(|_| marker()).collect();
+    let names = markers.clone();
+    let first: Vec<Vec<u8>> = stream::iter(0..10_usize)
+        .try_par_imap_async(4, move |n| {
+            let command = if n < 3 {
+                shell("echo quick")
+            } else {
+                sleep(&names[n])
+            };
+            process::output(command, Vec::new())
+        })
+        .take(3)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        [
+            b"quick\n".to_vec(),
+            b"quick\n".to_vec(),
+            b"quick\n".to_vec()
+        ]
+    );
+    for marker in &markers {
+        eventually("every child to be killed", || running_with(marker) == 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_short_children_through_limit_eight_leave_no_zombie() {
+    let outputs: Vec<Vec<u8>> = stream::iter(0..1000_u32)
+        .try_par_imap_async(8, |n| {
+            process::output(shell("cat"), n.to_string().into_bytes())
+        })
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(outputs.len(), 1000);
+    assert_eq!(outputs[999], b"999");
+    eventually("no zombie child left", || zombies() == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_exits_non_zero_is_an_error_with_its_code_and_stderr() {
+    let error = process::output(shell("echo oops >&2; exit 3"), Vec::new())
+        .await
+        .unwrap_err();
+    match &error {
+        ProcessError::Exited { code, stderr } => {
+            assert_eq!((*code, stderr.as_slice()), (3, &b"oops\n"[..]))
+        }
+        other => panic!("not an exit error: {other:?}"),
+    }
+    assert_eq!(error.to_string(), "child exited with status 3");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_input_and_output_do_not_deadlock() {
+    // 4 MiB each way: far beyond a pipe's buffer, so the input must be
+    // written while the output is read.
+    let input = vec![b'x'; 4 << 20];
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        process::output(shell("cat"), input.clone()),
+    )
+    .await
+    .expect("no deadlock")
+    .unwrap();
+    assert_eq!(output, input);
+}
