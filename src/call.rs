@@ -12,6 +12,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
 use crate::Error;
+use crate::stats::Counters;
 
 /// What the engine and its running calls share.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ pub struct Shared {
     /// In input order a failure at `k` leaves items before `k` wanted; in
     /// completion order it ends everything.
     in_input_order: bool,
+    counters: Counters,
 }
 
 impl Shared {
@@ -29,7 +31,12 @@ impl Shared {
         Arc::new(Shared {
             cutoff: AtomicUsize::new(usize::MAX),
             in_input_order,
+            counters: Counters::default(),
         })
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Item `index` failed: nothing the failure makes unwanted may start.
@@ -140,6 +147,8 @@ pub struct Call<U> {
     shared: Arc<Shared>,
     report: Option<UnboundedSender<Event<U>>>,
     report_start: bool,
+    /// When the mapper started, for the busy time; `None` until then.
+    started_at: Option<std::time::Instant>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -156,6 +165,7 @@ impl<U> Call<U> {
             shared,
             report: Some(report),
             report_start,
+            started_at: None,
             _permit: permit,
         }
     }
@@ -174,8 +184,11 @@ impl<U> Call<U> {
         self.shared.failed_at(index);
     }
 
-    /// Marks the moment the mapper starts: a deadline counts from here.
-    pub(crate) fn start(&self) {
+    /// Marks the moment the mapper starts: a deadline and the busy time
+    /// count from here.
+    pub(crate) fn start(&mut self) {
+        self.shared.counters.started();
+        self.started_at = Some(std::time::Instant::now());
         if let (true, Some(report)) = (self.report_start, &self.report) {
             let _ = report.send(Event::Started {
                 first: self.first,
@@ -189,6 +202,9 @@ impl<U> Call<U> {
     }
 
     fn send(&mut self, results: Results<U>) {
+        if let Some(started_at) = self.started_at.take() {
+            self.shared.counters.completed(started_at.elapsed());
+        }
         if let Some(report) = self.report.take() {
             // The engine is gone when this fails: the results are dropped here.
             let _ = report.send(Event::Finished {

@@ -27,6 +27,8 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::Error;
 use crate::call::{Batch, BatchIter, Call, Event, Results, Shared};
 use crate::spawn::{Batching, Kind, Output, Runner, Spawn};
+use crate::stats::Stats;
+use crate::trace;
 
 pin_project! {
     /// Stream returned by every method of [`ParImapExt`](crate::ParImapExt):
@@ -226,6 +228,13 @@ struct CancelOnDrop(Arc<Shared>);
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.cancel_from(0);
+        let in_flight = self.0.counters().in_flight();
+        if in_flight > 0 {
+            trace::life!(
+                "par_imap: dropped with calls in flight",
+                in_flight = in_flight
+            );
+        }
     }
 }
 
@@ -433,6 +442,41 @@ where
         self.engine.budget = Some(PollSemaphore::new(semaphore));
         self
     }
+
+    /// A handle on this map's live counters, readable from any task while
+    /// it runs and after: items pulled, calls started and completed, items
+    /// failed and yielded, calls in flight, and the summed busy time of the
+    /// calls. See [`Snapshot`](crate::Snapshot).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let results = futures::stream::iter(0..8_u64).par_imap_async(2, |n| async move {
+    ///     tokio::time::sleep(Duration::from_secs(1)).await;
+    ///     n
+    /// });
+    /// let stats = results.stats();
+    /// let progress = tokio::spawn(async move {
+    ///     tokio::time::sleep(Duration::from_millis(2500)).await;
+    ///     stats.snapshot()
+    /// });
+    /// let all: Vec<_> = results.collect().await;
+    /// let midway = progress.await.unwrap();
+    /// assert_eq!(all.len(), 8);
+    /// assert_eq!((midway.completed, midway.in_flight), (4, 2));
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        Stats {
+            shared: Arc::clone(&self.engine.shared),
+        }
+    }
 }
 
 impl<St, F, K> ParImap<St, F, K>
@@ -578,6 +622,19 @@ impl<U> Engine<U> {
     /// the last result) stops the map.
     fn complete(&mut self, first: usize, results: Results<U>, failed: bool) {
         let failure = first + results.len().saturating_sub(1);
+        if failed {
+            self.shared.counters().failed();
+            trace::life!(
+                "par_imap: failure observed",
+                index = failure,
+                kind = match results.last() {
+                    Some(Err(error)) if error.is_panic() => "panic",
+                    Some(Err(error)) if error.is_timeout() => "timeout",
+                    Some(Err(error)) if error.is_cancelled() => "cancelled",
+                    _ => "error",
+                }
+            );
+        }
         let drain = Drain::new(first, results);
         match self.order {
             Order::Input => {
@@ -680,6 +737,7 @@ impl<U> Engine<U> {
             self.reserved.take(),
         );
         self.pulled += items.len();
+        self.shared.counters().pulled(items.len());
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         let abort = K::Spawner::spawn(runner, runtime, items, call, K::is_failure);
         self.slots.push(first, Slot::Running(abort));
@@ -692,6 +750,7 @@ impl<U> Engine<U> {
             if let Some(result) = self.draining.as_mut().and_then(Iterator::next) {
                 self.head += 1;
                 self.yielded += 1;
+                self.shared.counters().yielded();
                 return Some(result);
             }
             self.draining = Some(match self.order {
@@ -743,8 +802,12 @@ where
         // Cancellation from outside wins over anything still owed.
         if engine.is_cancelled_from_outside(cx) {
             let owed = (!engine.is_drained()).then(|| engine.lowest_owed());
+            trace::life!("par_imap: cancelled", index = owed);
             engine.finish();
-            return Poll::Ready(owed.map(|index| K::into_item(Err(Error::cancelled(index)))));
+            return Poll::Ready(owed.map(|index| {
+                engine.shared.counters().yielded();
+                K::into_item(Err(Error::cancelled(index)))
+            }));
         }
 
         // Take in what calls report, then deadlines, so a failure is seen

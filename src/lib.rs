@@ -21,6 +21,46 @@
 //! # }
 //! ```
 //!
+//! # Choosing a variant
+//!
+//! | your mapper | results wanted | method | stream item |
+//! | --- | --- | --- | --- |
+//! | CPU-bound or blocking `Fn(T) -> U` | in input order | [`par_imap`](ParImapExt::par_imap) | `Result<U, Error>` |
+//! | CPU-bound or blocking | as they finish | [`par_imap_unordered`](ParImapExt::par_imap_unordered) | `Result<U, Error>` |
+//! | blocking, with per-worker state | in input order | [`par_imap_init`](ParImapExt::par_imap_init) | `Result<U, Error>` |
+//! | async `Fn(T) -> impl Future<Output = U>` (I/O) | in input order | [`par_imap_async`](ParImapExt::par_imap_async) | `Result<U, Error>` |
+//! | async | as they finish | [`par_imap_async_unordered`](ParImapExt::par_imap_async_unordered) | `Result<U, Error>` |
+//! | any of these returning `Result<U, E>`, an `Err` to stop the map | either | `try_` + the method | `Result<U, E>`, `E: From<Error>` |
+//! | work that may crash the process | either | a `try_..._async` method with [`process::output`] | `Result<Vec<u8>, process::ProcessError>` |
+//!
+//! Plain variants treat every value as a success: only a panic (or a timeout,
+//! a cancellation) fails the map. `try_` variants also fail it at the first
+//! `Err`, which comes out in your own error type.
+//!
+//! # Coming from Python's `Pool.imap`
+//!
+//! | `multiprocessing.Pool` | par-imap |
+//! | --- | --- |
+//! | `pool.imap(f, xs)` | `stream.par_imap(limit, f)` |
+//! | `pool.imap_unordered(f, xs)` | `stream.par_imap_unordered(limit, f)` |
+//! | `Pool(processes=n)` | `limit`: at most `n` calls at once, per map; share a budget across maps with [`.semaphore(s)`](ParImap::semaphore) |
+//! | `chunksize=k` | [`.batch(k)`](ParImap::batch): never waits to fill a chunk, failures keep their exact index |
+//! | `initializer=init` | [`par_imap_init(limit, init, f)`](ParImapExt::par_imap_init): `f(&mut state, item)` |
+//! | `maxtasksperchild=n` | not needed: no process to recycle; for code that can crash, a child per call with [`process::output`] |
+//! | `AsyncResult.get(timeout)` | [`.timeout(d)`](ParImap::timeout), per item, from the moment its call starts |
+//! | `pool.terminate()` | drop the stream, or [`.cancel_token(t)`](ParImap::cancel_token) |
+//! | results kept until read; input consumed eagerly | at most [`.window(w)`](ParImap::window) items pulled and not yet yielded |
+//! | a pickling error for lambdas | any `Fn + Send + Sync + 'static` closure |
+//!
+//! # Watching it work
+//!
+//! [`ParImap::stats`] gives a cloneable [`Stats`] handle to read live counters
+//! (a progress bar, a metrics exporter). With the default `tracing` feature,
+//! each mapper call runs in a `trace`-level `par_imap.call` span with its
+//! `index`, and the map's life (a failure observed, a cancellation, a drop
+//! with calls in flight) is logged at `debug`. Without a subscriber this
+//! costs a branch; `default-features = false` removes it.
+//!
 //! Every method is on [`ParImapExt`], implemented for every
 //! [`Stream`](futures::Stream); its docs list the variants and the semantics
 //! they share: order, laziness, the concurrency limit, fail-fast, drop as
@@ -50,6 +90,8 @@ mod init;
 pub mod kind;
 pub mod process;
 mod spawn;
+mod stats;
+mod trace;
 mod workers;
 
 pub use engine::ParImap;
@@ -61,6 +103,7 @@ struct ReadmeDoctests;
 pub use call::is_cancelled;
 pub use error::Error;
 pub use ext::ParImapExt;
+pub use stats::{Snapshot, Stats};
 
 /// `use par_imap::prelude::*;` brings the extension trait into scope.
 ///

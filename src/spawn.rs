@@ -18,6 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::Error;
 use crate::call::{Batch, Call, IsFailure};
 use crate::kind::{Async, Blocking, Try};
+use crate::trace;
 use crate::workers::Workers;
 
 /// The function a blocking call applies to each of its items.
@@ -112,9 +113,10 @@ where
         _is_failure: IsFailure<Fut::Output>,
     ) -> Option<AbortOnDropHandle<()>> {
         let mapper = Arc::clone(mapper);
-        let task = runtime.spawn(async move {
+        let index = call.first();
+        let task = runtime.spawn(trace::instrument(trace::call_span(index), async move {
+            let mut call = call;
             call.start();
-            let index = call.first();
             // Async calls take one item each. The mapper itself is called
             // inside the task, so an aborted task that never ran never calls it.
             let result = AssertUnwindSafe(async move {
@@ -127,7 +129,7 @@ where
             call.finish(Batch::One(
                 result.map_err(|payload| Error::panic(index, payload)),
             ));
-        });
+        }));
         Some(AbortOnDropHandle::new(task))
     }
 }

@@ -15,6 +15,7 @@ use tokio::runtime::Handle;
 use crate::Error;
 use crate::call::{Batch, Call, Current, IsFailure};
 use crate::spawn::Mapper;
+use crate::trace;
 
 /// How long an idle worker waits for work before it gives its thread back.
 const IDLE: Duration = Duration::from_millis(50);
@@ -219,7 +220,7 @@ impl<T, U> Job<T, U> {
     fn run<F: Mapper<T, Output = U>>(self, mapper: &F) {
         let Job {
             items,
-            call,
+            mut call,
             is_failure,
         } = self;
         let first = call.first();
@@ -227,6 +228,7 @@ impl<T, U> Job<T, U> {
             return;
         }
         call.start();
+        let _span = trace::call_span(first).entered();
         let map_one = |index: usize, item: T| {
             let current = Current::enter(&call, index);
             let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))

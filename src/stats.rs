@@ -1,0 +1,142 @@
+//! Live counters of a map, readable from any task while it runs.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::call::Shared;
+
+/// The counters themselves: relaxed atomics, bumped once per call or per
+/// item, never behind a lock.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pulled: AtomicU64,
+    started: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    yielded: AtomicU64,
+    busy_nanos: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn pulled(&self, items: usize) {
+        self.pulled.fetch_add(items as u64, Relaxed);
+    }
+
+    pub(crate) fn started(&self) {
+        self.started.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn completed(&self, busy: Duration) {
+        let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
+        self.busy_nanos.fetch_add(nanos, Relaxed);
+        self.completed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn failed(&self) {
+        self.failed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn yielded(&self) {
+        self.yielded.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn in_flight(&self) -> u64 {
+        // Completed first: a call counted there was counted as started before.
+        let completed = self.completed.load(Relaxed);
+        self.started.load(Relaxed).saturating_sub(completed)
+    }
+}
+
+/// A handle on the live counters of one map, from
+/// [`ParImap::stats`](crate::ParImap::stats). Cheap to clone, `Send + Sync`:
+/// read it from another task (a progress bar, a metrics exporter) while the
+/// map runs, and after it ended.
+///
+/// # Examples
+///
+/// ```
+/// use futures::TryStreamExt;
+/// use par_imap::ParImapExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), par_imap::Error> {
+/// let squares = futures::stream::iter(0..100_u64).par_imap(4, |n| n * n);
+/// let stats = squares.stats();
+/// let all: Vec<u64> = squares.try_collect().await?;
+/// let done = stats.snapshot();
+/// assert_eq!((done.pulled, done.started, done.completed, done.yielded), (100, 100, 100, 100));
+/// assert_eq!((done.failed, done.in_flight), (0, 0));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Stats {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Stats {
+    /// The counters now. Each is read on its own (relaxed), so a snapshot
+    /// taken while the map runs may be off by the calls of that instant.
+    ///
+    /// ```
+    /// # use futures::StreamExt;
+    /// # use par_imap::ParImapExt;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let results = futures::stream::iter(0..10).par_imap(2, |n: u32| n);
+    /// let stats = results.stats();
+    /// assert_eq!(stats.snapshot().pulled, 0, "nothing happens before the first poll");
+    /// # drop(results);
+    /// # }
+    /// ```
+    pub fn snapshot(&self) -> Snapshot {
+        let counters = self.shared.counters();
+        Snapshot {
+            in_flight: counters.in_flight(),
+            pulled: counters.pulled.load(Relaxed),
+            started: counters.started.load(Relaxed),
+            completed: counters.completed.load(Relaxed),
+            failed: counters.failed.load(Relaxed),
+            yielded: counters.yielded.load(Relaxed),
+            busy: Duration::from_nanos(counters.busy_nanos.load(Relaxed)),
+        }
+    }
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Stats").field(&self.snapshot()).finish()
+    }
+}
+
+/// The counters of a map at one moment; see [`Stats::snapshot`].
+///
+/// A call maps one item, or up to `k` with `.batch(k)`: `started`,
+/// `completed` and `in_flight` count calls, the others count items.
+/// `busy / (wall time × limit)` is how busy the map kept its workers.
+///
+/// ```
+/// let idle = par_imap::Snapshot::default();
+/// assert_eq!(idle.in_flight, 0);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Snapshot {
+    /// Input items taken from the input stream.
+    pub pulled: u64,
+    /// Mapper calls begun.
+    pub started: u64,
+    /// Mapper calls that returned (a timed-out blocking call counts when it
+    /// really returns).
+    pub completed: u64,
+    /// Items that failed: a panic, a timeout, or an `Err` from a `try_` mapper.
+    pub failed: u64,
+    /// Items handed to the consumer, errors included.
+    pub yielded: u64,
+    /// Mapper calls running now.
+    pub in_flight: u64,
+    /// The summed run time of mapper calls.
+    pub busy: Duration,
+}

@@ -1,0 +1,96 @@
+//! `examples/hash.rs` prints exactly what `sha256sum` prints for the same
+//! files, and goes on past a file it cannot read.
+#![cfg(unix)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The example binary, which `cargo test` builds beside this test.
+fn hash_example() -> PathBuf {
+    let test = std::env::current_exe().expect("own path");
+    let target = test
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let example = target.join("examples").join("hash");
+    assert!(
+        example.exists(),
+        "{} not built: run `cargo test`",
+        example.display()
+    );
+    example
+}
+
+fn fixture() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("nested/deeper")).unwrap();
+    std::fs::write(root.join("empty"), b"").unwrap();
+    std::fs::write(root.join("hello.txt"), b"hello\n").unwrap();
+    std::fs::write(root.join("with space.txt"), b"spaced out").unwrap();
+    std::fs::write(
+        root.join("nested/binary.bin"),
+        (0..=255_u8).cycle().take(300_000).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    for n in 0..50 {
+        std::fs::write(
+            root.join(format!("nested/deeper/file-{n:02}")),
+            n.to_string().repeat(n * 100),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+#[test]
+fn hash_example_output_is_byte_identical_to_sha256sum() {
+    let dir = fixture();
+    let ours = Command::new(hash_example())
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let stdout = String::from_utf8(ours.stdout).unwrap();
+    let paths: Vec<&str> = stdout.lines().map(|line| &line[66..]).collect();
+    assert_eq!(paths.len(), 54, "every file, once");
+    let mut sorted = paths.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 54);
+
+    let theirs = Command::new("sha256sum").args(&paths).output().unwrap();
+    assert!(theirs.status.success());
+    assert_eq!(stdout, String::from_utf8(theirs.stdout).unwrap());
+}
+
+#[test]
+fn hash_example_reports_an_unreadable_file_and_goes_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = fixture();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, b"no").unwrap();
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o000)).unwrap();
+    let mut hash = Command::new(hash_example());
+    if std::fs::read(&secret).is_ok() {
+        // Root reads anything: run the example as `nobody` instead, which
+        // may read the fixture but not the secret.
+        std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+        hash = Command::new("setpriv");
+        hash.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(hash_example());
+    }
+    let ours = hash.arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&ours.stderr);
+    assert_eq!(ours.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("secret: Permission denied"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&ours.stdout).lines().count(),
+        54,
+        "the other files"
+    );
+}
