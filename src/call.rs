@@ -133,6 +133,9 @@ pub enum Event<U> {
     Started { first: usize, at: Instant },
     /// The call ended, for good or not.
     Finished { first: usize, results: Results<U> },
+    /// The call never ran: by the time a worker took it, a failure had made
+    /// it unwanted (the engine may not have heard of that failure yet).
+    Skipped { first: usize },
 }
 
 /// The ticket of one mapper call over the items `first..`: it reports the
@@ -199,6 +202,13 @@ impl<U> Call<U> {
 
     pub(crate) fn finish(mut self, results: Results<U>) {
         self.send(results);
+    }
+
+    /// The call will not run: it is no longer wanted. Not a failure.
+    pub(crate) fn skip(mut self) {
+        if let Some(report) = self.report.take() {
+            let _ = report.send(Event::Skipped { first: self.first });
+        }
     }
 
     fn send(&mut self, results: Results<U>) {

@@ -578,6 +578,14 @@ impl<U> Engine<U> {
                         self.deadlines.push(Reverse((at + timeout, first)));
                     }
                 }
+                Event::Skipped { first } => {
+                    self.in_flight -= 1;
+                    // In input order the failure that made it unwanted comes
+                    // before it and drops it; out of order it just goes.
+                    if self.order == Order::Completion {
+                        self.slots.remove(first);
+                    }
+                }
                 Event::Finished { first, results } => {
                     self.in_flight -= 1;
                     // Otherwise the map no longer wants it (after a failure

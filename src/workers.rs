@@ -225,6 +225,7 @@ impl<T, U> Job<T, U> {
         } = self;
         let first = call.first();
         if call.is_cancelled(first) {
+            call.skip();
             return;
         }
         call.start();

@@ -253,3 +253,64 @@ async fn blocking_unordered_failure_yielded_then_end() {
     assert_eq!(out.len(), 4);
     assert_eq!(calls.started_indices(), [0, 1, 2, 3]);
 }
+
+/// An input item whose drop waits for a gate: it holds a worker between a
+/// failure in its batch and the report of that failure.
+struct SlowDrop {
+    value: usize,
+    gates: Gates,
+}
+
+impl Drop for SlowDrop {
+    fn drop(&mut self) {
+        if self.value == 1 {
+            self.gates.wait(1000);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_unordered_call_skipped_before_the_failure_is_heard_is_not_an_error() {
+    // Found by the property tests. Unordered, calls [0, 1] and [2, 3] run,
+    // [4, 5] and [6, 7] are queued. Item 0 fails: its worker sets the
+    // cutoff, then drops item 1, whose drop holds it before it reports.
+    // Meanwhile the other worker takes the queued calls (and [2, 3], if it
+    // had not started yet), which it must skip. The skips reached the engine first and came out as
+    // "cancelled" errors; the only error must be item 0's.
+    let gates = Gates::default();
+    let wait = gates.clone();
+    let drops = gates.clone();
+    let consumer = tokio::spawn(
+        stream::iter(0..8)
+            .map(move |value| SlowDrop {
+                value,
+                gates: drops.clone(),
+            })
+            .try_par_imap_unordered(2, move |item: SlowDrop| {
+                if item.value == 0 {
+                    return Err(TestError::Mine(0));
+                }
+                if item.value == 2 {
+                    wait.wait(2);
+                }
+                Ok(item.value)
+            })
+            .batch(2)
+            .window(8)
+            .collect::<Vec<_>>(),
+    );
+    // Let item 0 fail and its worker stop in item 1's drop; then let [2]
+    // end, so that its worker meets the queued calls.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gates.open(2);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gates.open(1000);
+    let out = consumer.await.unwrap();
+    // Item 2 comes out if its call started before the failure; nothing
+    // else does, and the one error is item 0's.
+    assert_eq!(out.last(), Some(&Err(TestError::Mine(0))), "{out:?}");
+    assert!(
+        out[..out.len() - 1] == [] || out[..out.len() - 1] == [Ok(2)],
+        "{out:?}"
+    );
+}

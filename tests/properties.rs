@@ -95,17 +95,37 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
         0..max_len,
         1..=8_usize,
         prop_oneof![Just(None), (0..=3_usize).prop_map(Some)],
-        if blocking { (1..=8_usize).boxed() } else { Just(1).boxed() },
+        if blocking {
+            (1..=8_usize).boxed()
+        } else {
+            Just(1).boxed()
+        },
         any::<bool>(),
         any::<bool>(),
-        prop_oneof![Just(Pattern::Uniform), Just(Pattern::Skewed), Just(Pattern::SlowHead)],
+        prop_oneof![
+            Just(Pattern::Uniform),
+            Just(Pattern::Skewed),
+            Just(Pattern::SlowHead)
+        ],
         proptest::option::weighted(0.5, (any::<prop::sample::Index>(), any::<bool>())),
         proptest::option::weighted(0.25, any::<prop::sample::Index>()),
         proptest::option::weighted(0.2, any::<prop::sample::Index>()),
         proptest::option::weighted(0.2, any::<prop::sample::Index>()),
     )
         .prop_map(
-            move |(len, limit, extra, batch, ordered, fallible, pattern, failure, drop_after, cancel_after, timeout_at)| {
+            move |(
+                len,
+                limit,
+                extra,
+                batch,
+                ordered,
+                fallible,
+                pattern,
+                failure,
+                drop_after,
+                cancel_after,
+                timeout_at,
+            )| {
                 let pick = |index: prop::sample::Index| (len > 0).then(|| index.index(len));
                 Case {
                     len,
@@ -118,7 +138,11 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
                     pattern,
                     failure: failure.and_then(|(index, err)| {
                         // Plain variants fail only by panicking.
-                        let kind = if err && fallible { FailKind::Err } else { FailKind::Panic };
+                        let kind = if err && fallible {
+                            FailKind::Err
+                        } else {
+                            FailKind::Panic
+                        };
                         pick(index).map(|index| (index, kind))
                     }),
                     drop_after: drop_after.and_then(pick),
@@ -183,8 +207,12 @@ const TIMEOUT_UNITS: u64 = 200;
 
 /// Builds the stream of `case` over tracked inputs, normalised to one item type.
 fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'static, Seen> {
-    let (tracker, pulled, yielded, lookahead) =
-        (probe.tracker.clone(), probe.pulled.clone(), probe.yielded.clone(), probe.lookahead.clone());
+    let (tracker, pulled, yielded, lookahead) = (
+        probe.tracker.clone(),
+        probe.pulled.clone(),
+        probe.yielded.clone(),
+        probe.lookahead.clone(),
+    );
     let input = stream::iter(0..case.len).map(move |index| {
         let now = pulled.fetch_add(1, Ordering::SeqCst) + 1;
         lookahead.fetch_max(now - yielded.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -254,13 +282,27 @@ fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'st
             move |item: Tracked| mapper(item).map_err(|_| unreachable!("plain cases only panic"))
         };
         match (case.ordered, case.fallible) {
-            (true, true) => batched!(input.try_par_imap(case.limit, mapper)).map(seen).boxed(),
-            (false, true) => batched!(input.try_par_imap_unordered(case.limit, mapper)).map(seen).boxed(),
+            (true, true) => batched!(input.try_par_imap(case.limit, mapper))
+                .map(seen)
+                .boxed(),
+            (false, true) => batched!(input.try_par_imap_unordered(case.limit, mapper))
+                .map(seen)
+                .boxed(),
             (true, false) => batched!(input.par_imap(case.limit, plain))
-                .map(|r| seen(r.map_err(TestError::from).and_then(|ok: Result<Tracked, ()>| Ok(ok.expect("ok")))))
+                .map(|r| {
+                    seen(
+                        r.map_err(TestError::from)
+                            .and_then(|ok: Result<Tracked, ()>| Ok(ok.expect("ok"))),
+                    )
+                })
                 .boxed(),
             (false, false) => batched!(input.par_imap_unordered(case.limit, plain))
-                .map(|r| seen(r.map_err(TestError::from).and_then(|ok: Result<Tracked, ()>| Ok(ok.expect("ok")))))
+                .map(|r| {
+                    seen(
+                        r.map_err(TestError::from)
+                            .and_then(|ok: Result<Tracked, ()>| Ok(ok.expect("ok"))),
+                    )
+                })
                 .boxed(),
         }
     } else {
@@ -282,15 +324,27 @@ fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'st
             }
         };
         match (case.ordered, case.fallible) {
-            (true, true) => configure!(input.try_par_imap_async(case.limit, mapper)).map(seen).boxed(),
+            (true, true) => configure!(input.try_par_imap_async(case.limit, mapper))
+                .map(seen)
+                .boxed(),
             (false, true) => configure!(input.try_par_imap_async_unordered(case.limit, mapper))
                 .map(seen)
                 .boxed(),
             (true, false) => configure!(input.par_imap_async(case.limit, plain))
-                .map(|r| seen(r.map_err(TestError::from).and_then(|ok| Ok(ok.expect("plain cases only panic")))))
+                .map(|r| {
+                    seen(
+                        r.map_err(TestError::from)
+                            .and_then(|ok| Ok(ok.expect("plain cases only panic"))),
+                    )
+                })
                 .boxed(),
             (false, false) => configure!(input.par_imap_async_unordered(case.limit, plain))
-                .map(|r| seen(r.map_err(TestError::from).and_then(|ok| Ok(ok.expect("plain cases only panic")))))
+                .map(|r| {
+                    seen(
+                        r.map_err(TestError::from)
+                            .and_then(|ok| Ok(ok.expect("plain cases only panic"))),
+                    )
+                })
                 .boxed(),
         }
     }
@@ -325,7 +379,10 @@ async fn consume(case: &Case, probe: &Probe) -> Vec<Seen> {
 /// Checks every invariant on what a case did.
 fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> {
     let expected = |index: usize| index * 2 + 1;
-    let errors: Vec<&Seen> = out.iter().filter(|seen| matches!(seen, Seen::Failed { .. })).collect();
+    let errors: Vec<&Seen> = out
+        .iter()
+        .filter(|seen| matches!(seen, Seen::Failed { .. }))
+        .collect();
     prop_assert!(errors.len() <= 1, "more than one error: {out:?}");
     if let Some(error) = errors.first() {
         prop_assert_eq!(Some(*error), out.last(), "an error ends the stream");
@@ -333,7 +390,13 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
     let stopped_early = case.drop_after.is_some() || case.cancel_after.is_some();
     let kind_allowed = |index: usize, kind: &str| -> bool {
         let failure = case.failure.is_some_and(|(at, fail)| {
-            at == index && kind == if fail == FailKind::Err { "err" } else { "panic" }
+            at == index
+                && kind
+                    == if fail == FailKind::Err {
+                        "err"
+                    } else {
+                        "panic"
+                    }
         });
         let timeout = case.timeout_at == Some(index) && kind == "timeout";
         let cancelled = case.cancel_after.is_some() && kind == "cancelled";
@@ -353,7 +416,12 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
         if !stopped_early {
             match case.failing_index() {
                 Some(first) => {
-                    prop_assert_eq!(out.len(), first + 1, "items 0..k, then k's failure: {:?}", out.last());
+                    prop_assert_eq!(
+                        out.len(),
+                        first + 1,
+                        "items 0..k, then k's failure: {:?}",
+                        out.last()
+                    );
                 }
                 None => prop_assert_eq!(out.len(), case.len, "every item"),
             }
@@ -363,7 +431,10 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
         for seen in out {
             match seen {
                 Seen::Value(value) => {
-                    prop_assert!(value % 2 == 1 && value / 2 < case.len, "foreign item {value}");
+                    prop_assert!(
+                        value % 2 == 1 && value / 2 < case.len,
+                        "foreign item {value}"
+                    );
                     prop_assert!(values.insert(*value), "duplicate {value}");
                 }
                 Seen::Failed { index, kind } => {
@@ -379,7 +450,12 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
         }
     }
 
-    prop_assert!(probe.calls.peak() <= case.limit, "peak {} > limit {}", probe.calls.peak(), case.limit);
+    prop_assert!(
+        probe.calls.peak() <= case.limit,
+        "peak {} > limit {}",
+        probe.calls.peak(),
+        case.limit
+    );
     prop_assert!(
         probe.lookahead.load(Ordering::SeqCst) <= case.window(),
         "lookahead {} > window {}",
@@ -390,7 +466,10 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
 }
 
 fn cases() -> u32 {
-    std::env::var("PAR_IMAP_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256)
+    std::env::var("PAR_IMAP_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256)
 }
 
 proptest! {
