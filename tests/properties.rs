@@ -190,6 +190,15 @@ fn seen(result: Result<Tracked, TestError>) -> Seen {
     }
 }
 
+/// What the consumer saw, from a plain variant (whose mapper only panics).
+fn seen_plain(result: Result<Result<Tracked, ()>, par_imap::Error>) -> Seen {
+    seen(
+        result
+            .map_err(TestError::from)
+            .map(|ok| ok.expect("plain cases only panic")),
+    )
+}
+
 /// Everything a case's mapper and input report.
 #[derive(Clone, Default)]
 struct Probe {
@@ -203,6 +212,8 @@ struct Probe {
     started_after_over: Arc<AtomicUsize>,
 }
 
+/// The per-item timeout, when a case has one: far above every item's time
+/// (µs blocking, ms async) but the slow one's.
 const TIMEOUT_UNITS: u64 = 200;
 
 /// Builds the stream of `case` over tracked inputs, normalised to one item type.
@@ -251,11 +262,7 @@ fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'st
                 stream = stream.window(window);
             }
             if case.timeout_at.is_some() {
-                stream = stream.timeout(if case.blocking {
-                    Duration::from_millis(TIMEOUT_UNITS)
-                } else {
-                    Duration::from_millis(TIMEOUT_UNITS)
-                });
+                stream = stream.timeout(Duration::from_millis(TIMEOUT_UNITS));
             }
             stream.cancel_token(token.clone())
         }};
@@ -289,20 +296,10 @@ fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'st
                 .map(seen)
                 .boxed(),
             (true, false) => batched!(input.par_imap(case.limit, plain))
-                .map(|r| {
-                    seen(
-                        r.map_err(TestError::from)
-                            .and_then(|ok: Result<Tracked, ()>| Ok(ok.expect("ok"))),
-                    )
-                })
+                .map(seen_plain)
                 .boxed(),
             (false, false) => batched!(input.par_imap_unordered(case.limit, plain))
-                .map(|r| {
-                    seen(
-                        r.map_err(TestError::from)
-                            .and_then(|ok: Result<Tracked, ()>| Ok(ok.expect("ok"))),
-                    )
-                })
+                .map(seen_plain)
                 .boxed(),
         }
     } else {
@@ -331,20 +328,10 @@ fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'st
                 .map(seen)
                 .boxed(),
             (true, false) => configure!(input.par_imap_async(case.limit, plain))
-                .map(|r| {
-                    seen(
-                        r.map_err(TestError::from)
-                            .and_then(|ok| Ok(ok.expect("plain cases only panic"))),
-                    )
-                })
+                .map(seen_plain)
                 .boxed(),
             (false, false) => configure!(input.par_imap_async_unordered(case.limit, plain))
-                .map(|r| {
-                    seen(
-                        r.map_err(TestError::from)
-                            .and_then(|ok| Ok(ok.expect("plain cases only panic"))),
-                    )
-                })
+                .map(seen_plain)
                 .boxed(),
         }
     }
