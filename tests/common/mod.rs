@@ -7,8 +7,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Long enough that a loaded machine never hits it; a test that does has hung.
-pub const HANG: Duration = Duration::from_secs(20);
+/// Long enough that a loaded machine never hits it; a test that does has
+/// hung. `PAR_IMAP_TEST_HANG_SECS` shortens it for mutation testing, where
+/// most runs are expected to fail.
+pub fn hang() -> Duration {
+    let secs = std::env::var("PAR_IMAP_TEST_HANG_SECS")
+        .ok()
+        .and_then(|secs| secs.parse().ok());
+    Duration::from_secs(secs.unwrap_or(20))
+}
 
 /// Gates that blocking calls wait on, opened by the test in the order it wants.
 #[derive(Clone, Default)]
@@ -25,7 +32,7 @@ impl Gates {
     /// Blocks until gate `index` is open; panics if that takes a hang's time.
     pub fn wait(&self, index: usize) {
         let (open, changed) = &*self.inner;
-        let deadline = Instant::now() + HANG;
+        let deadline = Instant::now() + hang();
         let mut open = open.lock().unwrap();
         while !open.contains(&index) {
             let left = deadline
@@ -110,7 +117,7 @@ impl Tracker {
     /// Waits (bounded) until every tracked value has been dropped: blocking
     /// calls that outlive the stream drop their output when they end.
     pub fn wait_all_dropped(&self) {
-        let deadline = Instant::now() + HANG;
+        let deadline = Instant::now() + hang();
         while self.alive() > 0 {
             assert!(
                 Instant::now() < deadline,
@@ -137,7 +144,7 @@ impl Drop for Tracked {
 
 /// Waits (bounded, real time) until `condition` holds.
 pub fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + HANG;
+    let deadline = Instant::now() + hang();
     while !condition() {
         assert!(Instant::now() < deadline, "never happened: {what}");
         std::thread::sleep(Duration::from_millis(1));
@@ -146,7 +153,7 @@ pub fn eventually(what: &str, condition: impl Fn() -> bool) {
 
 /// Async version of [`eventually`], yielding to the runtime while it waits.
 pub async fn eventually_async(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + HANG;
+    let deadline = Instant::now() + hang();
     while !condition() {
         assert!(Instant::now() < deadline, "never happened: {what}");
         tokio::task::yield_now().await;

@@ -1,0 +1,294 @@
+//! Scale-out on a real broker: three `redis_worker` processes share a Redis
+//! Streams consumer group; one is killed with SIGKILL half-way. Every job
+//! still gets a result, duplicates only for the jobs the dead worker held,
+//! each worker's results follow its read order, nothing stays pending, and
+//! no process is left running.
+//!
+//! Needs Debian's `redis-server`: `.ci/run` installs it. Elsewhere, without
+//! it, the test says it was skipped; under `CI` it fails instead.
+#![cfg(unix)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamPendingCountReply, StreamRangeReply};
+
+const JOBS: usize = 20_000;
+
+/// A child process killed (and reaped) when dropped, so a failing test
+/// leaves nothing running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_server() -> Option<PathBuf> {
+    let found = std::env::split_paths(&std::env::var_os("PATH")?)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("redis-server"))
+        .find(|path| path.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server is missing in CI: .ci/run installs it with apt-get"
+        );
+        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The example binary, which `cargo test` builds beside this test.
+fn worker_binary() -> PathBuf {
+    let test = std::env::current_exe().expect("own path");
+    let target = test
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let worker = target.join("examples").join("redis_worker");
+    assert!(
+        worker.exists(),
+        "{} not built: run `cargo test`",
+        worker.display()
+    );
+    worker
+}
+
+async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every entry of stream `results`: (job id, worker, read sequence number).
+async fn results(redis: &mut MultiplexedConnection) -> Vec<(String, String, u64)> {
+    let all: StreamRangeReply = redis::cmd("XRANGE")
+        .arg("results")
+        .arg("-")
+        .arg("+")
+        .query_async(redis)
+        .await
+        .unwrap();
+    all.ids
+        .iter()
+        .map(|entry| {
+            (
+                entry.get::<String>("job").unwrap(),
+                entry.get::<String>("worker").unwrap(),
+                entry.get::<String>("seq").unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn pending_of(redis: &mut MultiplexedConnection, consumer: Option<&str>) -> Vec<String> {
+    let mut command = redis::cmd("XPENDING");
+    command
+        .arg("jobs")
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(JOBS * 2);
+    if let Some(consumer) = consumer {
+        command.arg(consumer);
+    }
+    let pending: StreamPendingCountReply = command.query_async(redis).await.unwrap();
+    pending.ids.into_iter().map(|entry| entry.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
+    let Some(server) = redis_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _redis_server = KillOnDrop(
+        Command::new(server)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server starts"),
+    );
+    let url = format!("redis://127.0.0.1:{port}");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut redis = until(
+        "redis-server to answer",
+        Duration::from_secs(20),
+        async || client.get_multiplexed_async_connection().await.ok(),
+    )
+    .await;
+    redis.set_response_timeout(Duration::from_secs(60));
+
+    // The jobs, and the group from the start of the stream.
+    let mut ids = Vec::with_capacity(JOBS);
+    for chunk in (0..JOBS).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for n in chunk {
+            pipe.cmd("XADD")
+                .arg("jobs")
+                .arg("*")
+                .arg("payload")
+                .arg(format!("job {n}"));
+        }
+        let added: Vec<String> = pipe.query_async(&mut redis).await.unwrap();
+        ids.extend(added);
+    }
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("jobs")
+        .arg("workers")
+        .arg("0")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let start_worker = |name: &str| {
+        KillOnDrop(
+            Command::new(worker_binary())
+                .arg(name)
+                .env("REDIS_URL", &url)
+                .env("JOB_ROUNDS", "20")
+                .env("CLAIM_IDLE_MS", "1000")
+                .env("BATCH", "32")
+                .stderr(std::fs::File::create(log(name)).unwrap())
+                .spawn()
+                .expect("a worker starts"),
+        )
+    };
+    let mut workers: HashMap<&str, KillOnDrop> = ["w1", "w2", "w3"]
+        .into_iter()
+        .map(|name| (name, start_worker(name)))
+        .collect();
+
+    // Half-way, w2 dies without a word.
+    until("half the jobs done", Duration::from_secs(120), async || {
+        let done: usize = redis::cmd("XLEN")
+            .arg("results")
+            .query_async(&mut redis)
+            .await
+            .ok()?;
+        (done >= JOBS / 2).then_some(())
+    })
+    .await;
+    let mut killed = workers.remove("w2").unwrap();
+    killed.0.kill().unwrap();
+    killed.0.wait().unwrap();
+    let held_by_the_dead: HashSet<String> = pending_of(&mut redis, Some("w2"))
+        .await
+        .into_iter()
+        .collect();
+
+    // Every job gets a result, and nothing stays pending.
+    let all = until(
+        "every job to have a result",
+        Duration::from_secs(180),
+        async || {
+            let all = results(&mut redis).await;
+            let done: HashSet<&String> = all.iter().map(|(job, ..)| job).collect();
+            (done.len() == JOBS).then_some(all)
+        },
+    )
+    .await;
+    until(
+        "the pending list to empty",
+        Duration::from_secs(60),
+        async || pending_of(&mut redis, None).await.is_empty().then_some(()),
+    )
+    .await;
+    let all = {
+        // Results written after the last check (a reclaimed duplicate).
+        let _ = all;
+        results(&mut redis).await
+    };
+
+    // At least once, never lost: duplicates only for what w2 held.
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for (job, ..) in &all {
+        *count.entry(job.as_str()).or_default() += 1;
+    }
+    assert_eq!(count.len(), JOBS);
+    assert!(ids.iter().all(|id| count.contains_key(id.as_str())));
+    let redone = count.values().filter(|times| **times > 1).count();
+    eprintln!(
+        "w2 held {} jobs when killed; {redone} jobs were done twice",
+        held_by_the_dead.len()
+    );
+    for (job, times) in &count {
+        if *times > 1 {
+            assert!(
+                held_by_the_dead.contains(*job),
+                "job {job} done {times} times, not held by w2"
+            );
+        }
+    }
+    // Each worker wrote its results in the order it read the jobs.
+    for worker in ["w1", "w2", "w3"] {
+        let order: Vec<u64> = all
+            .iter()
+            .filter(|(_, w, _)| w == worker)
+            .map(|(_, _, seq)| *seq)
+            .collect();
+        assert!(
+            order.windows(2).all(|pair| pair[0] < pair[1]),
+            "{worker} out of read order"
+        );
+    }
+    let by_survivors = all.iter().filter(|(_, w, _)| w != "w2").count();
+    assert!(
+        by_survivors > 0 && all.len() - by_survivors > 0,
+        "all three took part"
+    );
+
+    // SIGTERM: each survivor stops reading and exits 0; none is left.
+    for (name, worker) in &mut workers {
+        let pid = worker.0.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = worker.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "{name} did not exit on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let said = std::fs::read_to_string(log(name)).unwrap_or_default();
+        assert!(status.success(), "{name} exited with {status}: {said}");
+    }
+}
