@@ -4,7 +4,6 @@
 //! `cargo bench` runs them all; `examples/compare.rs` prints the same
 //! comparisons as one table (see BENCHMARKS.md).
 
-use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -12,25 +11,8 @@ use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use rayon::prelude::*;
 
-const LIMIT: usize = 2;
-
-fn work(seed: u64, rounds: u64) -> u64 {
-    let mut x = seed | 1;
-    for _ in 0..rounds {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-    }
-    black_box(x)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(LIMIT)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
+mod workload;
+use workload::{LIMIT, runtime, work};
 
 /// Targets 1–3: CPU-bound items of three sizes (rounds of xorshift).
 fn cpu(c: &mut Criterion) {

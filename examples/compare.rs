@@ -17,18 +17,9 @@ use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use rayon::prelude::*;
 
-const LIMIT: usize = 2;
-
-/// `rounds` xorshift steps seeded by `seed`: pure CPU, no memory traffic.
-fn work(seed: u64, rounds: u64) -> u64 {
-    let mut x = seed | 1;
-    for _ in 0..rounds {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-    }
-    black_box(x)
-}
+#[path = "../benches/workload/mod.rs"]
+mod workload;
+use workload::{LIMIT, runtime, work};
 
 /// Rounds of `work` that take about `micros` µs here.
 fn calibrate(micros: f64) -> u64 {
@@ -37,14 +28,6 @@ fn calibrate(micros: f64) -> u64 {
     black_box(work(1, rounds));
     let per_round = start.elapsed().as_secs_f64() * 1e6 / rounds as f64;
     ((micros / per_round) as u64).max(1)
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(LIMIT)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
 }
 
 /// Median items/s of three runs of `run`, which maps `items` items and

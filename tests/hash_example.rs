@@ -1,25 +1,9 @@
 //! `examples/hash.rs` prints exactly what `sha256sum` prints for the same
 //! files, and goes on past a file it cannot read.
 #![cfg(unix)]
+mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// The example binary, which `cargo test` builds beside this test.
-fn hash_example() -> PathBuf {
-    let test = std::env::current_exe().expect("own path");
-    let target = test
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let example = target.join("examples").join("hash");
-    assert!(
-        example.exists(),
-        "{} not built: run `cargo test`",
-        example.display()
-    );
-    example
-}
 
 fn fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -46,7 +30,7 @@ fn fixture() -> tempfile::TempDir {
 #[test]
 fn hash_example_output_is_byte_identical_to_sha256sum() {
     let dir = fixture();
-    let ours = Command::new(hash_example())
+    let ours = Command::new(common::example_binary("hash"))
         .arg(dir.path())
         .output()
         .unwrap();
@@ -75,14 +59,14 @@ fn hash_example_reports_an_unreadable_file_and_goes_on() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, b"no").unwrap();
     std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o000)).unwrap();
-    let mut hash = Command::new(hash_example());
+    let mut hash = Command::new(common::example_binary("hash"));
     if std::fs::read(&secret).is_ok() {
         // Root reads anything: run the example as `nobody` instead, which
         // may read the fixture but not the secret.
         std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
         hash = Command::new("setpriv");
         hash.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(hash_example());
+            .arg(common::example_binary("hash"));
     }
     let ours = hash.arg(dir.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&ours.stderr);

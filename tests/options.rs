@@ -400,8 +400,16 @@ async fn is_cancelled_after_a_failure_only_for_items_after_it() {
     let results = stream::iter(0..3).try_par_imap(3, move |i: usize| {
         match i {
             0 => wait.wait(0),
-            1 => return Err(anyhow::anyhow!("one")),
-            _ => eventually("item 2 to be cancelled", par_imap::is_cancelled),
+            1 => {
+                // Fail only once item 2 runs: a worker free earlier would
+                // rightly skip item 2 instead of starting it.
+                wait.wait(102);
+                return Err(anyhow::anyhow!("one"));
+            }
+            _ => {
+                wait.open(102);
+                eventually("item 2 to be cancelled", par_imap::is_cancelled);
+            }
         }
         log.lock().unwrap().push((i, par_imap::is_cancelled()));
         Ok(i)

@@ -7,10 +7,11 @@
 //! Needs Debian's `redis-server`: `.ci/run` installs it. Elsewhere, without
 //! it, the test says it was skipped; under `CI` it fails instead.
 #![cfg(unix)]
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -51,22 +52,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// The example binary, which `cargo test` builds beside this test.
-fn worker_binary() -> PathBuf {
-    let test = std::env::current_exe().expect("own path");
-    let target = test
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>");
-    let worker = target.join("examples").join("redis_worker");
-    assert!(
-        worker.exists(),
-        "{} not built: run `cargo test`",
-        worker.display()
-    );
-    worker
 }
 
 async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
@@ -175,7 +160,7 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
     let log = |name: &str| dir.path().join(format!("{name}.log"));
     let start_worker = |name: &str| {
         KillOnDrop(
-            Command::new(worker_binary())
+            Command::new(common::example_binary("redis_worker"))
                 .arg(name)
                 .env("REDIS_URL", &url)
                 .env("JOB_ROUNDS", "20")

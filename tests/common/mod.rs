@@ -142,6 +142,22 @@ impl Drop for Tracked {
     }
 }
 
+/// The binary of example `name`, which `cargo test` builds beside the tests.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let test = std::env::current_exe().expect("own path");
+    let target = test
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>");
+    let example = target.join("examples").join(name);
+    assert!(
+        example.exists(),
+        "{} not built: run `cargo test`",
+        example.display()
+    );
+    example
+}
+
 /// Waits (bounded, real time) until `condition` holds.
 pub fn eventually(what: &str, condition: impl Fn() -> bool) {
     let deadline = Instant::now() + hang();

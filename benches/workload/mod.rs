@@ -1,0 +1,28 @@
+//! The CPU-bound workload shared by `benches/par_imap.rs` and
+//! `examples/compare.rs`, so both measure the same thing.
+#![allow(dead_code)]
+
+use std::hint::black_box;
+
+/// The most mapper calls at once: this machine's two cores.
+pub const LIMIT: usize = 2;
+
+/// `rounds` xorshift steps seeded by `seed`: pure CPU, no memory traffic.
+pub fn work(seed: u64, rounds: u64) -> u64 {
+    let mut x = seed | 1;
+    for _ in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    black_box(x)
+}
+
+/// A multi-thread runtime with one worker per core.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(LIMIT)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
