@@ -74,3 +74,22 @@ async fn debug_fused_and_size_hint() {
     assert_eq!(results.size_hint(), (0, Some(0)));
     assert!(results.is_terminated());
 }
+
+#[tokio::test(start_paused = true)]
+async fn size_hint_after_an_unordered_failure_counts_what_is_left() {
+    // All three finish at the same instant; item 1 fails. Item 0 comes out
+    // first, then exactly one item is left: the failure.
+    let mut results = stream::iter(0..3_u64).try_par_imap_async_unordered(3, |n| async move {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if n == 1 {
+            Err(anyhow::anyhow!("one"))
+        } else {
+            Ok(n)
+        }
+    });
+    let first = results.next().await.unwrap();
+    assert_eq!(first.unwrap(), 0);
+    assert_eq!(results.size_hint(), (1, Some(1)));
+    assert!(results.next().await.unwrap().is_err());
+    assert_eq!(results.size_hint(), (0, Some(0)));
+}

@@ -523,3 +523,27 @@ async fn init_state_whose_call_panicked_is_discarded() {
     assert_eq!(workers.used.load(Ordering::SeqCst), 3);
     assert!(results.next().await.is_none());
 }
+
+#[test]
+fn is_cancelled_is_false_on_a_blocking_thread_after_a_map_used_it() {
+    // One blocking thread: the map's worker runs on it, then a plain
+    // spawn_blocking does. The worker's item must not leak into it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(1)
+        .build()
+        .unwrap();
+    let after = runtime.block_on(async {
+        let out: Vec<u8> = stream::iter(0..3_u8)
+            .par_imap(1, |n| n)
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(out, [0, 1, 2]);
+        // The map is dropped: every one of its items is now unwanted.
+        tokio::task::spawn_blocking(par_imap::is_cancelled)
+            .await
+            .unwrap()
+    });
+    assert!(!after);
+}
