@@ -547,3 +547,20 @@ fn is_cancelled_is_false_on_a_blocking_thread_after_a_map_used_it() {
     });
     assert!(!after);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_cancel_in_the_middle_of_a_batch_names_the_next_item() {
+    // One call maps items 0..4; the consumer has taken item 0 when the
+    // token fires: the lowest index not yet yielded is 1.
+    let token = CancellationToken::new();
+    let mut results = stream::iter(0..4_u32)
+        .par_imap_unordered(1, |n| n)
+        .batch(4)
+        .cancel_token(token.clone());
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    token.cancel();
+    let error = results.next().await.unwrap().unwrap_err();
+    assert!(error.is_cancelled());
+    assert_eq!(error.index(), 1);
+    assert!(results.next().await.is_none());
+}
