@@ -177,7 +177,12 @@ async fn async_err_at_k_aborts_later_calls_and_delivers_earlier_ones() {
     // nothing after 3 starts.
     let (mapper, calls, finished) = async_case(vec![3, 1, 10, 10, 1, 1, 1, 1], 1);
     let start = Instant::now();
-    let out = drain(stream::iter(0..8).try_par_imap_async(4, mapper)).await;
+    let consumer = tokio::spawn(drain(stream::iter(0..8).try_par_imap_async(4, mapper)));
+    // At 2 s the failure is known and item 0 still runs: items 2 and 3 are
+    // aborted already, not when the failure's turn comes.
+    sleep(Duration::from_secs(2)).await;
+    assert_eq!(calls.running(), 1, "only item 0 still runs");
+    let out = consumer.await.unwrap();
     assert_eq!(out, [Ok(0), Err(TestError::Mine(1))]);
     assert_eq!(start.elapsed(), Duration::from_secs(3));
     assert_eq!(calls.started_indices(), [0, 1, 2, 3]);

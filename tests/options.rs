@@ -564,3 +564,22 @@ async fn unordered_cancel_in_the_middle_of_a_batch_names_the_next_item() {
     assert_eq!(error.index(), 1);
     assert!(results.next().await.is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn unordered_cancel_names_the_lowest_running_item() {
+    // Items 0 and 2 are quick and come out; 1 and 3 still run when the
+    // token fires: the lowest index not yet yielded is 1.
+    let (calls, torn_down) = (Calls::default(), Arc::default());
+    let token = CancellationToken::new();
+    let mut results = stream::iter(0..4)
+        .par_imap_async_unordered(4, sleeper(|i| [1, 100, 1, 100][i], &calls, &torn_down))
+        .cancel_token(token.clone());
+    let mut first_two = vec![
+        results.next().await.unwrap().unwrap(),
+        results.next().await.unwrap().unwrap(),
+    ];
+    first_two.sort_unstable();
+    assert_eq!(first_two, [0, 2]);
+    token.cancel();
+    assert_eq!(results.next().await.unwrap().unwrap_err().index(), 1);
+}
