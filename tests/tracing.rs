@@ -92,6 +92,10 @@ fn spans_per_call_and_events_for_the_maps_life() {
         assert_eq!((blocking.len(), spawned.len()), (3, 3));
     });
     let lines = recorder.take();
+    assert!(
+        !has(&lines, "dropped with calls in flight"),
+        "nothing was in flight: {lines:#?}"
+    );
     let calls: Vec<&String> = lines
         .iter()
         .filter(|line| line.starts_with("span par_imap.call"))
