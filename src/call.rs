@@ -135,7 +135,7 @@ pub enum Event<U> {
     Finished { first: usize, results: Results<U> },
     /// The call never ran: by the time a worker took it, a failure had made
     /// it unwanted (the engine may not have heard of that failure yet).
-    Skipped { first: usize },
+    Skipped,
 }
 
 /// The ticket of one mapper call over the items `first..`: it reports the
@@ -207,7 +207,7 @@ impl<U> Call<U> {
     /// The call will not run: it is no longer wanted. Not a failure.
     pub(crate) fn skip(mut self) {
         if let Some(report) = self.report.take() {
-            let _ = report.send(Event::Skipped { first: self.first });
+            let _ = report.send(Event::Skipped);
         }
     }
 

@@ -578,13 +578,10 @@ impl<U> Engine<U> {
                         self.deadlines.push(Reverse((at + timeout, first)));
                     }
                 }
-                Event::Skipped { first } => {
+                Event::Skipped => {
+                    // The failure that made it unwanted is on its way and
+                    // drops its slot with the others after it.
                     self.in_flight -= 1;
-                    // In input order the failure that made it unwanted comes
-                    // before it and drops it; out of order it just goes.
-                    if self.order == Order::Completion {
-                        self.slots.remove(first);
-                    }
                 }
                 Event::Finished { first, results } => {
                     self.in_flight -= 1;
