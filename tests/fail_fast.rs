@@ -319,3 +319,35 @@ async fn regression_unordered_call_skipped_before_the_failure_is_heard_is_not_an
         "{out:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn async_lower_failure_seen_later_aborts_the_calls_after_it_at_once() {
+    // Item 5 fails at 1 s, then item 2 at 2 s, while item 0 runs until 10 s
+    // and items 3 and 4 for an hour: from 2 s on, only item 0 may run.
+    let calls = Calls::default();
+    let count = calls.clone();
+    let secs = [10, 0, 2, 3600, 3600, 1];
+    let results = stream::iter(0..6_usize).try_par_imap_async(6, move |i| {
+        let running = count.enter(i);
+        async move {
+            sleep(Duration::from_secs(secs[i])).await;
+            drop(running);
+            if i == 2 || i == 5 {
+                Err(TestError::Mine(i))
+            } else {
+                Ok(i)
+            }
+        }
+    });
+    let consumer = tokio::spawn(drain(results));
+    sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        calls.running(),
+        1,
+        "items 3 and 4 aborted when item 2 failed"
+    );
+    assert_eq!(
+        consumer.await.unwrap(),
+        [Ok(0), Ok(1), Err(TestError::Mine(2))]
+    );
+}
