@@ -686,8 +686,8 @@ impl<U> Engine<U> {
             match budget.poll_acquire(cx) {
                 Poll::Ready(Some(permit)) => self.reserved = Some(permit),
                 Poll::Ready(None) => {
+                    // No item was pulled: the failure takes the next index.
                     let index = self.pulled;
-                    self.pulled += 1;
                     self.slots.push(index, Slot::Running(None));
                     self.complete(index, Batch::One(Err(Error::cancelled(index))), true);
                     return Poll::Ready(false);
