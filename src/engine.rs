@@ -834,9 +834,6 @@ where
             };
             engine.start::<St::Item, F, K>(this.runner, items);
         }
-        if !engine.can_start() {
-            engine.reserved = None;
-        }
 
         // Yield the next result whose turn it is.
         if let Some(result) = engine.next_result() {

@@ -93,3 +93,38 @@ async fn size_hint_after_an_unordered_failure_counts_what_is_left() {
     assert!(results.next().await.unwrap().is_err());
     assert_eq!(results.size_hint(), (0, Some(0)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn size_hint_while_an_ordered_failure_waits_for_its_turn() {
+    // Item 2 fails at 1 s; items 0 and 1 come out first: the upper bound
+    // counts down to the failure, which is the last item.
+    let mut results = stream::iter(0..10_u64).try_par_imap_async(3, |n| async move {
+        tokio::time::sleep(std::time::Duration::from_secs([2, 0, 1][n as usize % 3])).await;
+        if n == 2 {
+            Err(anyhow::anyhow!("two"))
+        } else {
+            Ok(n)
+        }
+    });
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    assert_eq!(results.size_hint(), (1, Some(2)));
+    assert_eq!(results.next().await.unwrap().unwrap(), 1);
+    assert_eq!(results.size_hint(), (1, Some(1)));
+    assert!(results.next().await.unwrap().is_err());
+    assert_eq!(results.size_hint(), (0, Some(0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn size_hint_with_a_cancel_token_once_the_input_has_ended() {
+    // A cancellation can only replace owed items once the input is known to
+    // have ended: no extra error item in the bound.
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut results = stream::iter(0..2_u64)
+        .par_imap_async(4, |n| async move {
+            tokio::time::sleep(std::time::Duration::from_secs(n + 1)).await;
+            n
+        })
+        .cancel_token(token);
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    assert_eq!(results.size_hint(), (1, Some(1)));
+}
