@@ -128,3 +128,24 @@ async fn size_hint_with_a_cancel_token_once_the_input_has_ended() {
     assert_eq!(results.next().await.unwrap().unwrap(), 0);
     assert_eq!(results.size_hint(), (1, Some(1)));
 }
+
+#[test]
+fn size_hint_before_the_first_poll_is_honest_about_what_may_come() {
+    // Nothing promised from an input that promises nothing.
+    let (_send, input) = futures::channel::mpsc::unbounded::<u64>();
+    assert_eq!(input.par_imap(2, |n| n).size_hint(), (0, None));
+    // A cancel token or a shared budget may add one error item after an
+    // input that ends unseen.
+    let cancellable = stream::iter(0..10_u64)
+        .par_imap(2, |n| n)
+        .cancel_token(tokio_util::sync::CancellationToken::new());
+    assert_eq!(cancellable.size_hint(), (1, Some(11)));
+    let budgeted = stream::iter(0..10_u64)
+        .par_imap(2, |n| n)
+        .semaphore(std::sync::Arc::new(tokio::sync::Semaphore::new(1)));
+    assert_eq!(budgeted.size_hint(), (1, Some(11)));
+    assert_eq!(
+        stream::iter(0..10_u64).par_imap(2, |n| n).size_hint(),
+        (1, Some(10))
+    );
+}
