@@ -38,6 +38,9 @@ fn blocking_drop_starts_nothing_new_even_if_a_call_is_queued() {
         }
         assert_eq!(tracker.created(), 4, "items 0..4 pulled");
     });
+    // The stream is gone: the queued calls' inputs went with it, at once;
+    // items 0 and 1 are held by their blocked calls.
+    assert_eq!(tracker.alive(), 2);
     for i in 0..4 {
         gates.open(i);
     }

@@ -34,6 +34,11 @@ async fn stats_count_a_known_run_while_it_runs_and_after() {
         "window bound: {midway:?}"
     );
     let done = stats.snapshot();
+    let debug = format!("{stats:?}");
+    assert!(
+        debug.starts_with("Stats(Snapshot {") && debug.contains("pulled: 10"),
+        "{debug}"
+    );
     assert_eq!(
         (
             done.pulled,

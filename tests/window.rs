@@ -185,3 +185,36 @@ async fn blocking_at_most_limit_running_and_limit_reached() {
         assert_eq!(calls.peak(), 3);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_limit_is_reached_again_after_the_workers_went_idle() {
+    // A first item runs alone, and its worker goes idle (or leaves, after
+    // 50 ms). Then two items come at once: both must run together.
+    let (gates, calls) = (Gates::default(), Calls::default());
+    let (wait, count) = (gates.clone(), calls.clone());
+    let (send, input) = futures::channel::mpsc::unbounded::<usize>();
+    let mut results = input.par_imap(2, move |i| {
+        let _running = count.enter(i);
+        wait.wait(i);
+        i
+    });
+    for pause in [Duration::from_millis(5), Duration::from_millis(200)] {
+        let first = calls.started();
+        gates.open(first);
+        send.unbounded_send(first).unwrap();
+        assert_eq!(results.next().await.unwrap().unwrap(), first);
+        tokio::time::sleep(pause).await;
+        send.unbounded_send(first + 1).unwrap();
+        send.unbounded_send(first + 2).unwrap();
+        let both = tokio::spawn(async move {
+            let pair = [results.next().await, results.next().await];
+            (results, pair)
+        });
+        eventually("two calls to run together", || calls.running() == 2);
+        gates.open(first + 1);
+        gates.open(first + 2);
+        let (back, pair) = both.await.unwrap();
+        results = back;
+        assert_eq!(pair.map(|r| r.unwrap().unwrap()), [first + 1, first + 2]);
+    }
+}
