@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 
@@ -148,31 +148,31 @@ impl<T, F: Mapper<T>> Pool<T, F> {
     /// counted, decided under the same lock so that a pusher never counts
     /// on a worker that is leaving.
     fn next_job(&self) -> Option<Job<T, F::Output>> {
+        let idle_until = Instant::now() + IDLE;
         let mut queue = self.lock();
         loop {
             if let Some(job) = queue.jobs.pop_front() {
                 return Some(job);
             }
-            if queue.closed {
+            // Only here, with the queue seen empty under the lock, may a
+            // worker leave: no job can be stranded by its going.
+            let left = idle_until.saturating_duration_since(Instant::now());
+            if queue.closed || left.is_zero() {
                 queue.workers -= 1;
                 return None;
             }
             queue.idle += 1;
-            let (relocked, wait) = self
+            queue = self
                 .work
-                .wait_timeout(queue, IDLE)
-                .unwrap_or_else(PoisonError::into_inner);
-            queue = relocked;
+                .wait_timeout(queue, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
             if queue.woken > 0 {
                 // A pusher already took one worker off `idle`: this is it.
                 queue.woken -= 1;
             } else {
                 // Woken by the timeout or spuriously: leave `idle` ourselves.
                 queue.idle -= 1;
-            }
-            if wait.timed_out() && queue.jobs.is_empty() {
-                queue.workers -= 1;
-                return None;
             }
         }
     }
