@@ -13,7 +13,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use rayon::prelude::*;
 
@@ -205,35 +205,27 @@ fn async_table(quick: bool) {
     println!("## Async: trivial futures, limit 64, items/s (median of 3)\n");
     println!("| consumer | buffered over tokio::spawn | par_imap_async | ratio |");
     println!("|---|---|---|---|");
+    // The consumer in `block_on`, or inside a spawned task.
+    let consume = |in_task: bool, fold: futures::future::BoxFuture<'static, u64>| {
+        if in_task {
+            rt.block_on(rt.spawn(fold)).expect("no panics")
+        } else {
+            rt.block_on(fold)
+        }
+    };
     for in_task in [false, true] {
         let spawned = measure(items, || {
-            let fold = async move {
-                stream::iter(0..items)
-                    .map(|i| tokio::spawn(async move { i }))
-                    .buffered(64)
-                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
-                    .await
-                    .expect("no panics")
-            };
-            if in_task {
-                rt.block_on(rt.spawn(fold)).expect("no panics")
-            } else {
-                rt.block_on(fold)
-            }
+            let fold = stream::iter(0..items)
+                .map(|i| tokio::spawn(async move { i }))
+                .buffered(64)
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) });
+            consume(in_task, fold.map(|sum| sum.expect("no panics")).boxed())
         });
         let ours = measure(items, || {
-            let fold = async move {
-                stream::iter(0..items)
-                    .par_imap_async(64, |i| async move { i })
-                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
-                    .await
-                    .expect("no panics")
-            };
-            if in_task {
-                rt.block_on(rt.spawn(fold)).expect("no panics")
-            } else {
-                rt.block_on(fold)
-            }
+            let fold = stream::iter(0..items)
+                .par_imap_async(64, |i| async move { i })
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) });
+            consume(in_task, fold.map(|sum| sum.expect("no panics")).boxed())
         });
         assert_eq!(spawned.1, ours.1);
         println!(
