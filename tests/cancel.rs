@@ -182,3 +182,38 @@ fn polling_outside_a_runtime_panics_with_tokios_message() {
     let mut results = stream::iter(0..3).par_imap(2, |i: usize| i);
     let _ = futures::executor::block_on(results.next());
 }
+
+#[test]
+fn blocking_calls_after_the_runtime_shut_down_are_cancelled_errors_not_a_hang() {
+    // The map's worker has left (idle), then the runtime shuts down. The
+    // next calls' worker can no longer start: tokio drops it unrun, and
+    // the calls must come out cancelled instead of waiting forever.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let mut results = stream::iter(0..10).par_imap(1, |n: u32| n);
+    assert_eq!(runtime.block_on(results.next()).unwrap().unwrap(), 0);
+    // Item 1 was queued behind item 0; then the worker idles and leaves
+    // (after 50 ms: a second is ample even on a loaded machine).
+    std::thread::sleep(Duration::from_secs(1));
+    runtime.shutdown_background();
+    let (send, outcome) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        while let Some(result) = futures::executor::block_on(results.next()) {
+            seen.push(result.map_err(|error| (error.index(), error.is_cancelled())));
+        }
+        let _ = send.send(seen);
+    });
+    let seen = outcome
+        .recv_timeout(common::hang())
+        .expect("the stream hung");
+    // Had the worker not left yet, it would still run the rest: no hang
+    // either way, which is the point.
+    let all_done: Vec<_> = (1..10).map(Ok).collect();
+    assert!(
+        seen == [Ok(1), Err((2, true))] || seen == all_done,
+        "{seen:?}"
+    );
+}
