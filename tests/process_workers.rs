@@ -200,3 +200,74 @@ async fn large_input_and_output_do_not_deadlock() {
     .unwrap();
     assert_eq!(output, input);
 }
+
+#[test]
+fn process_errors_name_the_usual_signals_and_chain_their_sources() {
+    let names = [
+        (1, "SIGHUP"),
+        (2, "SIGINT"),
+        (3, "SIGQUIT"),
+        (4, "SIGILL"),
+        (6, "SIGABRT"),
+        (7, "SIGBUS"),
+        (8, "SIGFPE"),
+        (9, "SIGKILL"),
+        (11, "SIGSEGV"),
+        (13, "SIGPIPE"),
+        (14, "SIGALRM"),
+        (15, "SIGTERM"),
+    ];
+    for (signal, name) in names {
+        let killed = ProcessError::Killed {
+            signal,
+            stderr: Vec::new(),
+        };
+        assert_eq!(
+            killed.to_string(),
+            format!("child killed by signal {signal} ({name})")
+        );
+        assert_eq!(killed.signal(), Some(signal));
+        assert!(!killed.is_timeout());
+    }
+    let unnamed = ProcessError::Killed {
+        signal: 10,
+        stderr: Vec::new(),
+    };
+    assert_eq!(unnamed.to_string(), "child killed by signal 10");
+
+    use std::error::Error as _;
+    let io = ProcessError::from(std::io::Error::other("pipe burst"));
+    assert_eq!(io.source().unwrap().to_string(), "pipe burst");
+    assert_eq!(io.signal(), None);
+    let exited = ProcessError::Exited {
+        code: 2,
+        stderr: Vec::new(),
+    };
+    assert!(exited.source().is_none() && exited.signal().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_child_is_a_map_error_with_its_source() {
+    let mut results = stream::iter([0])
+        .try_par_imap_async(1, |_: i32| process::output(sleep(&marker()), Vec::new()))
+        .timeout(Duration::from_millis(100));
+    let error = results.next().await.unwrap().unwrap_err();
+    assert!(error.is_timeout() && error.signal().is_none());
+    use std::error::Error as _;
+    let source = error.source().expect("the map's error");
+    assert!(
+        source
+            .downcast_ref::<par_imap::Error>()
+            .is_some_and(par_imap::Error::is_timeout)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_does_not_read_its_input_is_not_an_error() {
+    // It exits at once; writing 4 MiB to it breaks the pipe. It did not
+    // want the input: its (empty) output is the result.
+    let output = process::output(shell("exit 0"), vec![b'x'; 4 << 20])
+        .await
+        .unwrap();
+    assert!(output.is_empty());
+}
