@@ -9,10 +9,9 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
-use rayon::prelude::*;
 
 mod workload;
-use workload::{LIMIT, runtime, work};
+use workload::{LIMIT, rayon_sum, runtime, work};
 
 /// Targets 1–3: CPU-bound items of three sizes (rounds of xorshift).
 fn cpu(c: &mut Criterion) {
@@ -36,17 +35,7 @@ fn cpu(c: &mut Criterion) {
                     .fold(0, u64::wrapping_add)
             })
         });
-        group.bench_function("rayon", |b| {
-            b.iter(|| {
-                let input: Vec<u64> = (0..items).collect();
-                pool.install(|| {
-                    input
-                        .par_iter()
-                        .map(|&i| work(i, rounds))
-                        .reduce(|| 0, u64::wrapping_add)
-                })
-            })
-        });
+        group.bench_function("rayon", |b| b.iter(|| rayon_sum(&pool, items, rounds)));
         group.bench_function("buffered_spawn_blocking", |b| {
             b.iter(|| {
                 rt.block_on(

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
-use rayon::prelude::*;
 
 #[path = "../benches/workload/mod.rs"]
 mod workload;
-use workload::{LIMIT, runtime, work};
+use workload::{LIMIT, rayon_sum, runtime, work};
 
 /// Rounds of `work` that take about `micros` µs here.
 fn calibrate(micros: f64) -> u64 {
@@ -105,15 +104,7 @@ fn cpu_table(quick: bool) {
             .num_threads(LIMIT)
             .build()
             .expect("rayon");
-        results.push(measure(items, || {
-            let input: Vec<u64> = (0..items).collect();
-            pool.install(|| {
-                input
-                    .par_iter()
-                    .map(|&i| work(i, rounds))
-                    .reduce(|| 0, u64::wrapping_add)
-            })
-        }));
+        results.push(measure(items, || rayon_sum(&pool, items, rounds)));
         results.push(measure(items, || {
             use pariter::IteratorExt;
             (0..items)

@@ -26,3 +26,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("a tokio runtime")
 }
+
+/// The rayon peer: the whole input collected into a `Vec` first (rayon does
+/// not stream), then a parallel map and sum on `pool`.
+pub fn rayon_sum(pool: &rayon::ThreadPool, items: u64, rounds: u64) -> u64 {
+    use rayon::prelude::*;
+    let input: Vec<u64> = (0..items).collect();
+    pool.install(|| {
+        input
+            .par_iter()
+            .map(|&i| work(i, rounds))
+            .reduce(|| 0, u64::wrapping_add)
+    })
+}
