@@ -1,158 +1,267 @@
-//! One mapper call as the engine sees it: the ticket that reports its
-//! results exactly once, the cutoff that says whether it is still wanted, and
+//! One mapper call as the engine sees it: the cutoff that says which items
+//! are still wanted, the ticket that reports a call's results exactly once,
+//! the progress a call shares when items have deadlines, and
 //! `is_cancelled()` for the blocking closure that runs it.
 #![allow(unreachable_pub)]
 
 use std::cell::RefCell;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::batch::{Batch, Results};
 use crate::stats::Counters;
+
+/// Whether results come out in input or in completion order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    Input,
+    Completion,
+}
 
 /// What the engine and its running calls share.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Items at or above this index must not be mapped, and their results
     /// are no longer wanted. `usize::MAX` while the map runs normally.
     cutoff: AtomicUsize,
-    /// In input order a failure at `k` leaves items before `k` wanted; in
-    /// completion order it ends everything.
-    in_input_order: bool,
-    counters: Counters,
+    order: Order,
+    /// With `.keep_going()` a failure makes nothing else unwanted.
+    keep_going: bool,
+    /// The caller's cancellation token: `is_cancelled()` reads it directly,
+    /// so a running call sees it without waiting for the consumer's poll.
+    token: Option<CancellationToken>,
+    /// Cancelled when the map ends or is dropped: wakes calls waiting for a
+    /// permit of the budget, so that an ended map leaves no waiting acquire.
+    ended: CancellationToken,
+    /// The shared budget: each call holds one permit while it runs.
+    budget: Option<Arc<Semaphore>>,
+    counters: Arc<Counters>,
 }
 
 impl Shared {
-    pub(crate) fn new(in_input_order: bool) -> Arc<Self> {
+    pub(crate) fn new(
+        order: Order,
+        keep_going: bool,
+        token: Option<CancellationToken>,
+        budget: Option<Arc<Semaphore>>,
+        counters: Arc<Counters>,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             cutoff: AtomicUsize::new(usize::MAX),
-            in_input_order,
-            counters: Counters::default(),
+            order,
+            keep_going,
+            token,
+            ended: CancellationToken::new(),
+            budget,
+            counters,
         })
-    }
-
-    pub(crate) fn counters(&self) -> &Counters {
-        &self.counters
     }
 
     /// Item `index` failed: nothing the failure makes unwanted may start.
     pub(crate) fn failed_at(&self, index: usize) {
-        self.cancel_from(if self.in_input_order { index } else { 0 });
+        match (self.keep_going, self.order) {
+            (true, _) => {}
+            (false, Order::Input) => self.cancel_from(index),
+            (false, Order::Completion) => self.cancel_from(0),
+        }
     }
 
-    /// Cancel every item from `index` on.
+    /// Cancel every item from `index` on. Relaxed: the cutoff orders no
+    /// other memory; a call that reads a stale value maps one item more,
+    /// whose result the engine drops.
     pub(crate) fn cancel_from(&self, index: usize) {
-        self.cutoff.fetch_min(index, Ordering::SeqCst);
+        self.cutoff.fetch_min(index, Ordering::Relaxed);
     }
 
-    pub(crate) fn is_cancelled(&self, index: usize) -> bool {
-        index >= self.cutoff.load(Ordering::SeqCst)
-    }
-}
-
-/// The items of one call, or its results: one (the common case, without an
-/// allocation) or several (`.batch`).
-#[derive(Debug)]
-pub enum Batch<T> {
-    One(T),
-    Many(Vec<T>),
-}
-
-impl<T> Batch<T> {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Batch::One(_) => 1,
-            Batch::Many(values) => values.len(),
-        }
+    /// The map ended or was dropped: nothing may start, and calls waiting
+    /// for a permit give up.
+    pub(crate) fn end(&self) {
+        self.cancel_from(0);
+        self.ended.cancel();
     }
 
-    pub(crate) fn last(&self) -> Option<&T> {
-        match self {
-            Batch::One(value) => Some(value),
-            Batch::Many(values) => values.last(),
-        }
+    /// Whether item `index` is no longer wanted (a failure, the end of the
+    /// map). One relaxed load: cheap enough for every item of a batch.
+    pub(crate) fn is_cut_off(&self, index: usize) -> bool {
+        index >= self.cutoff.load(Ordering::Relaxed)
     }
-}
 
-impl<T> IntoIterator for Batch<T> {
-    type Item = T;
-    type IntoIter = BatchIter<T>;
+    /// Whether the caller's token was cancelled (takes its lock).
+    pub(crate) fn is_token_cancelled(&self) -> bool {
+        self.token
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+    }
 
-    fn into_iter(self) -> BatchIter<T> {
-        match self {
-            Batch::One(value) => BatchIter::One(Some(value)),
-            Batch::Many(values) => BatchIter::Many(values.into_iter()),
-        }
+    pub(crate) fn budget(&self) -> Option<&Arc<Semaphore>> {
+        self.budget.as_ref()
+    }
+
+    pub(crate) fn ended(&self) -> &CancellationToken {
+        &self.ended
     }
 }
-
-/// The values of a [`Batch`], in order.
-#[derive(Debug)]
-pub enum BatchIter<T> {
-    One(Option<T>),
-    Many(std::vec::IntoIter<T>),
-}
-
-impl<T> Iterator for BatchIter<T> {
-    type Item = T;
-
-    fn next(&mut self) -> Option<T> {
-        match self {
-            BatchIter::One(value) => value.take(),
-            BatchIter::Many(values) => values.next(),
-        }
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let left = match self {
-            BatchIter::One(value) => usize::from(value.is_some()),
-            BatchIter::Many(values) => values.len(),
-        };
-        (left, Some(left))
-    }
-}
-
-impl<T> ExactSizeIterator for BatchIter<T> {}
-
-/// The results of one call, in input order: one per item, cut short after
-/// the first failure (the items after it are never mapped).
-pub type Results<U> = Batch<Result<U, Error>>;
-
-/// Whether a result fails the map; it depends on the variant (`try_` or not).
-pub type IsFailure<U> = fn(&Result<U, Error>) -> bool;
 
 /// What a call tells the engine.
 #[derive(Debug)]
-pub enum Event<U> {
-    /// The call's mapper started now (sent only when the engine asked: for
-    /// timeouts).
-    Started { first: usize, at: Instant },
-    /// The call ended, for good or not.
-    Finished { first: usize, results: Results<U> },
-    /// The call never ran: by the time a worker took it, a failure had made
-    /// it unwanted (the engine may not have heard of that failure yet).
-    Skipped,
+pub(crate) enum Event<U> {
+    /// The call's first item started (sent only when items have deadlines).
+    /// Calls are named by their first item's index.
+    Started { call: usize },
+    /// The call ended: `results` are for its items from `first` on (the
+    /// results the engine did not already take, see [`Progress`]).
+    Finished {
+        call: usize,
+        first: usize,
+        results: Results<U>,
+    },
+    /// The call never ran: it was no longer wanted when it came to run. A
+    /// failure at a lower index, or the end of the map, explains it: the
+    /// engine has seen it or its report is on its way.
+    Skipped { call: usize },
+}
+
+/// What a call running items with deadlines shares with the engine, so
+/// that the engine can time out exactly the item running now and deliver
+/// the results of the call's items before it.
+#[derive(Debug)]
+pub(crate) struct Progress<U> {
+    state: Mutex<ProgressState<U>>,
+}
+
+#[derive(Debug)]
+struct ProgressState<U> {
+    /// The item mapping now, and when it began.
+    running: Option<(usize, Instant)>,
+    /// The index of `results[0]`: the first result not taken by the engine.
+    untaken: usize,
+    results: Vec<Result<U, Error>>,
+    /// The item the engine gave up on while it ran: its result is dropped.
+    given_up: Option<usize>,
+}
+
+/// What the engine finds when a call's deadline comes.
+#[derive(Debug)]
+pub(crate) enum Expiry<U> {
+    /// Item `index` ran past its deadline: it is given up, and `earlier`
+    /// holds the call's results before it, from index `first`.
+    TimedOut {
+        first: usize,
+        earlier: Vec<Result<U, Error>>,
+        index: usize,
+    },
+    /// The item running now has a later deadline: this one.
+    Later(Instant),
+    /// No item runs right now (between two items, or the call ended): the
+    /// next one starts no earlier than now.
+    Idle,
+}
+
+impl<U> Progress<U> {
+    pub(crate) fn new(first: usize) -> Arc<Self> {
+        Arc::new(Progress {
+            state: Mutex::new(ProgressState {
+                running: None,
+                untaken: first,
+                results: Vec::new(),
+                given_up: None,
+            }),
+        })
+    }
+
+    /// Never held around user code, so never poisoned by a mapper's panic;
+    /// recover anyway rather than panic in turn.
+    fn lock(&self) -> MutexGuard<'_, ProgressState<U>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Item `index` starts now.
+    pub(crate) fn begin(&self, index: usize) {
+        self.lock().running = Some((index, Instant::now()));
+    }
+
+    /// Item `index` ended with `result`: kept for the engine, unless the
+    /// engine gave up on it. Returns whether it was given up.
+    pub(crate) fn end(&self, index: usize, result: Result<U, Error>) -> bool {
+        let mut state = self.lock();
+        state.running = None;
+        if state.given_up == Some(index) {
+            drop(state);
+            // Outside the lock: the result's `Drop` is user code.
+            drop(result);
+            return true;
+        }
+        state.results.push(result);
+        false
+    }
+
+    /// When the item running now reaches its deadline (`None` if no item
+    /// runs, or the one running was given up already).
+    pub(crate) fn deadline(&self, timeout: std::time::Duration) -> Option<Instant> {
+        let state = self.lock();
+        match state.running {
+            Some((index, started)) if state.given_up != Some(index) => started.checked_add(timeout),
+            _ => None,
+        }
+    }
+
+    /// The engine's deadline for this call came at `now`.
+    pub(crate) fn expire(&self, now: Instant, timeout: std::time::Duration) -> Expiry<U> {
+        let mut state = self.lock();
+        let Some((index, started)) = state.running else {
+            return Expiry::Idle;
+        };
+        if state.given_up == Some(index) {
+            // Timed out already; the worker has yet to return from it.
+            return Expiry::Idle;
+        }
+        match started.checked_add(timeout) {
+            Some(deadline) if deadline > now => Expiry::Later(deadline),
+            // Past the clock's range: no deadline at all.
+            None => Expiry::Later(now.checked_add(timeout).unwrap_or(now)),
+            Some(_) => {
+                state.given_up = Some(index);
+                let first = state.untaken;
+                state.untaken = index + 1;
+                Expiry::TimedOut {
+                    first,
+                    earlier: std::mem::take(&mut state.results),
+                    index,
+                }
+            }
+        }
+    }
+
+    /// Everything not taken yet, and the index of its first result.
+    fn take(&self) -> (usize, Vec<Result<U, Error>>) {
+        let mut state = self.lock();
+        let first = state.untaken;
+        state.untaken += state.results.len();
+        (first, std::mem::take(&mut state.results))
+    }
 }
 
 /// The ticket of one mapper call over the items `first..`: it reports the
 /// call's results to the engine exactly once. A call dropped before it
 /// finished (aborted, never started, or torn down with its runtime) reports
 /// itself cancelled, so the engine never waits for a result that cannot come.
-/// It holds the call's permit of a shared semaphore, released when the call
-/// really ends.
+/// It holds the call's permit of the shared budget once it has one, released
+/// when the call really ends.
 #[derive(Debug)]
 pub struct Call<U> {
     first: usize,
     shared: Arc<Shared>,
     report: Option<UnboundedSender<Event<U>>>,
-    report_start: bool,
+    progress: Option<Arc<Progress<U>>>,
     /// When the mapper started, for the busy time; `None` until then.
     started_at: Option<std::time::Instant>,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<U> Call<U> {
@@ -160,16 +269,15 @@ impl<U> Call<U> {
         first: usize,
         shared: Arc<Shared>,
         report: UnboundedSender<Event<U>>,
-        report_start: bool,
-        permit: Option<OwnedSemaphorePermit>,
+        progress: Option<Arc<Progress<U>>>,
     ) -> Self {
         Call {
             first,
             shared,
             report: Some(report),
-            report_start,
+            progress,
             started_at: None,
-            _permit: permit,
+            permit: None,
         }
     }
 
@@ -177,8 +285,27 @@ impl<U> Call<U> {
         self.first
     }
 
-    pub(crate) fn is_cancelled(&self, index: usize) -> bool {
-        self.shared.is_cancelled(index)
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn progress(&self) -> Option<&Progress<U>> {
+        self.progress.as_deref()
+    }
+
+    /// Whether item `index` is no longer wanted.
+    pub(crate) fn is_cut_off(&self, index: usize) -> bool {
+        self.shared.is_cut_off(index)
+    }
+
+    /// Whether the call should not start at all.
+    pub(crate) fn is_unwanted(&self) -> bool {
+        self.shared.is_cut_off(self.first) || self.shared.is_token_cancelled()
+    }
+
+    /// Keeps the budget's permit until the call ends.
+    pub(crate) fn hold(&mut self, permit: OwnedSemaphorePermit) {
+        self.permit = Some(permit);
     }
 
     /// Item `index` of this call failed. Set at once, from the worker, so a
@@ -187,63 +314,131 @@ impl<U> Call<U> {
         self.shared.failed_at(index);
     }
 
-    /// Marks the moment the mapper starts: a deadline and the busy time
-    /// count from here.
+    /// Marks the moment the mapper starts: busy time counts from here, and
+    /// the engine hears of it when items have deadlines.
     pub(crate) fn start(&mut self) {
-        self.shared.counters.started();
+        self.shared.counters.call_started();
         self.started_at = Some(std::time::Instant::now());
-        if let (true, Some(report)) = (self.report_start, &self.report) {
-            let _ = report.send(Event::Started {
-                first: self.first,
-                at: Instant::now(),
-            });
+        if let Some(progress) = &self.progress {
+            progress.begin(self.first);
+            if let Some(report) = &self.report {
+                let _ = report.send(Event::Started { call: self.first });
+            }
         }
     }
 
-    pub(crate) fn finish(mut self, results: Results<U>) {
-        self.send(results);
+    /// The call ended: `results` are its results from `first` on, unless
+    /// they went through the progress, which then holds what is left.
+    pub(crate) fn finish(mut self, results: Vec<Result<U, Error>>) {
+        let mapped = results.len();
+        self.send(Batch::Many(results), mapped);
+    }
+
+    /// The call of one item ended, without a batch's allocation.
+    pub(crate) fn finish_one(mut self, result: Result<U, Error>) {
+        self.send(Batch::One(result), 1);
     }
 
     /// The call will not run: it is no longer wanted. Not a failure.
     pub(crate) fn skip(mut self) {
         if let Some(report) = self.report.take() {
-            let _ = report.send(Event::Skipped);
+            let _ = report.send(Event::Skipped { call: self.first });
         }
     }
 
-    fn send(&mut self, results: Results<U>) {
+    /// Counts the call as ended and reports its results. With a progress,
+    /// the results not taken by the engine come from there: `results` is
+    /// then empty.
+    fn send(&mut self, results: Results<U>, mapped: usize) {
+        let Some(report) = self.report.take() else {
+            return;
+        };
+        let (first, results, mapped) = match &self.progress {
+            Some(progress) if results.len() == 0 => {
+                let (first, taken) = progress.take();
+                let mapped = mapped.max(taken.len());
+                (first, Batch::Many(taken), mapped)
+            }
+            _ => (self.first, results, mapped),
+        };
         if let Some(started_at) = self.started_at.take() {
-            self.shared.counters.completed(started_at.elapsed());
+            self.shared
+                .counters
+                .call_completed(mapped, started_at.elapsed());
         }
-        if let Some(report) = self.report.take() {
-            // The engine is gone when this fails: the results are dropped here.
-            let _ = report.send(Event::Finished {
-                first: self.first,
-                results,
-            });
-        }
+        // The permit goes back before the engine hears, so a call it starts
+        // next can take it.
+        self.permit = None;
+        // The engine is gone when this fails: the results are dropped here.
+        let _ = report.send(Event::Finished {
+            call: self.first,
+            first,
+            results,
+        });
     }
 }
 
 impl<U> Drop for Call<U> {
     fn drop(&mut self) {
-        let first = self.first;
-        self.send(Batch::One(Err(Error::cancelled(first))));
+        if self.report.is_some() {
+            let index = match &self.progress {
+                Some(progress) => progress.take().0,
+                None => self.first,
+            };
+            self.send(Batch::One(Err(Error::cancelled(index))), 0);
+        }
     }
 }
 
-thread_local! {
-    /// The item a blocking call maps on this thread, for [`is_cancelled`].
-    static CURRENT: RefCell<Option<(Arc<Shared>, usize)>> = const { RefCell::new(None) };
+/// A call whose items the engine may give up on one by one (timeouts).
+pub(crate) trait GiveUp: Send + Sync {
+    fn is_given_up(&self, index: usize) -> bool;
 }
 
-/// Marks this thread as mapping item `index` until dropped, even by a panic.
+impl<U: Send> GiveUp for Progress<U> {
+    fn is_given_up(&self, index: usize) -> bool {
+        self.lock().given_up == Some(index)
+    }
+}
+
+/// What [`is_cancelled`] reads on a worker thread.
+struct Running {
+    shared: Arc<Shared>,
+    progress: Option<Arc<dyn GiveUp>>,
+    index: usize,
+}
+
+thread_local! {
+    /// The call a blocking worker runs on this thread, and its item.
+    static CURRENT: RefCell<Option<Running>> = const { RefCell::new(None) };
+}
+
+/// Marks this thread as running a blocking call until dropped, even by a
+/// panic. Set once per call; the item index is updated per item.
+#[derive(Debug)]
 pub(crate) struct Current;
 
 impl Current {
-    pub(crate) fn enter<U>(call: &Call<U>, index: usize) -> Current {
-        CURRENT.with(|current| *current.borrow_mut() = Some((Arc::clone(&call.shared), index)));
+    pub(crate) fn enter<U: Send + 'static>(call: &Call<U>) -> Current {
+        let running = Running {
+            shared: Arc::clone(&call.shared),
+            progress: call
+                .progress
+                .as_ref()
+                .map(|progress| Arc::clone(progress) as Arc<dyn GiveUp>),
+            index: call.first,
+        };
+        CURRENT.with(|current| *current.borrow_mut() = Some(running));
         Current
+    }
+
+    /// The call moves on to item `index`.
+    pub(crate) fn item(&self, index: usize) {
+        CURRENT.with(|current| {
+            if let Some(running) = current.borrow_mut().as_mut() {
+                running.index = index;
+            }
+        });
     }
 }
 
@@ -254,8 +449,9 @@ impl Drop for Current {
 }
 
 /// Inside a blocking mapper call, whether its result can no longer be used:
-/// the map was dropped, failed at or before this item, was cancelled, or this
-/// item timed out. `false` outside a blocking mapper call.
+/// the map was dropped, failed at or before this item, was cancelled (the
+/// token is read directly, so this turns true as soon as it is cancelled),
+/// or this item timed out. `false` outside a blocking mapper call.
 ///
 /// A running blocking closure cannot be pre-empted: tokio cannot abort
 /// `spawn_blocking`. A long closure that polls `is_cancelled()` now and then
@@ -286,9 +482,13 @@ impl Drop for Current {
 /// ```
 pub fn is_cancelled() -> bool {
     CURRENT.with(|current| {
-        current
-            .borrow()
-            .as_ref()
-            .is_some_and(|(shared, index)| shared.is_cancelled(*index))
+        current.borrow().as_ref().is_some_and(|running| {
+            running.shared.is_cut_off(running.index)
+                || running.shared.is_token_cancelled()
+                || running
+                    .progress
+                    .as_ref()
+                    .is_some_and(|progress| progress.is_given_up(running.index))
+        })
     })
 }

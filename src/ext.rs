@@ -5,9 +5,10 @@ use std::future::Future;
 use futures::Stream;
 
 use crate::Error;
-use crate::engine::{Order, ParImap};
+use crate::call::Order;
 use crate::init::WithInit;
-use crate::kind::{Async, Blocking, Try};
+use crate::stream::ParImap;
+use crate::variant::{Async, Blocking, Try};
 
 /// Parallel maps on any [`Stream`]: `stream.par_imap(limit, f)`.
 ///

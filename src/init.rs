@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
-use crate::spawn::Mapper;
+use crate::blocking::Mapper;
 
 /// The mapper of [`par_imap_init`](crate::ParImapExt::par_imap_init): `f`
 /// applied with a per-worker state `S` made by `init`.
@@ -15,7 +15,8 @@ use crate::spawn::Mapper;
 ///
 /// ```
 /// use futures::stream;
-/// use par_imap::kind::{Blocking, WithInit};
+/// use par_imap::kind::Blocking;
+/// use par_imap::WithInit;
 /// use par_imap::{ParImap, ParImapExt};
 ///
 /// let lengths: ParImap<_, WithInit<_, _, Vec<u8>>, Blocking> = stream::iter(["a", "bb"])

@@ -82,28 +82,52 @@
     rust_2018_idioms
 )]
 
+mod batch;
+mod blocking;
 mod call;
+mod deadline;
 mod engine;
 mod error;
 mod ext;
 mod init;
-pub mod kind;
 pub mod process;
+mod reorder;
+mod sizer;
 mod spawn;
 mod stats;
+mod stream;
+mod task;
 mod trace;
+mod variant;
 mod workers;
 
-pub use engine::ParImap;
-
-// The README's examples are compiled and run as doc tests, so it cannot lie.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-struct ReadmeDoctests;
 pub use call::is_cancelled;
 pub use error::Error;
 pub use ext::ParImapExt;
+pub use init::WithInit;
 pub use stats::{Snapshot, Stats};
+pub use stream::ParImap;
+
+/// Type-level tags naming the variant of a [`ParImap`] stream.
+///
+/// You never build these: the methods of [`ParImapExt`] choose them, and
+/// they appear only in the stream's type, as in `ParImap<St, F, Try<Async>>`.
+/// They exist so that one stream type, with one set of builder methods,
+/// serves all eight variants.
+///
+/// ```
+/// use futures::stream::{self, Iter};
+/// use par_imap::kind::{Blocking, Try};
+/// use par_imap::{ParImap, ParImapExt};
+///
+/// fn parse(lines: Vec<String>) -> ParImap<Iter<std::vec::IntoIter<String>>, fn(String) -> Result<u64, anyhow::Error>, Try<Blocking>> {
+///     stream::iter(lines).try_par_imap(4, |line: String| Ok(line.trim().parse::<u64>()?))
+/// }
+/// # let _ = parse(vec![]);
+/// ```
+pub mod kind {
+    pub use crate::variant::{Async, Blocking, Try};
+}
 
 /// `use par_imap::prelude::*;` brings the extension trait into scope.
 ///
@@ -114,3 +138,8 @@ pub use stats::{Snapshot, Stats};
 pub mod prelude {
     pub use crate::ext::ParImapExt;
 }
+
+// The README's examples are compiled and run as doc tests, so it cannot lie.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

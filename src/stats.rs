@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::call::Shared;
-
 /// The counters themselves: relaxed atomics, bumped once per call or per
 /// item, never behind a lock.
 #[derive(Debug, Default)]
@@ -24,14 +22,24 @@ impl Counters {
         self.pulled.fetch_add(items as u64, Relaxed);
     }
 
-    pub(crate) fn started(&self) {
+    /// A call's first item began: one increment per call, not per item,
+    /// so that short items in a batch do not contend on this line.
+    pub(crate) fn call_started(&self) {
         self.started.fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn completed(&self, busy: Duration) {
+    /// A call that mapped `items` items ended after `busy`: the rest of its
+    /// items count as started, all of them as completed.
+    pub(crate) fn call_completed(&self, items: usize, busy: Duration) {
         let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
         self.busy_nanos.fetch_add(nanos, Relaxed);
-        self.completed.fetch_add(1, Relaxed);
+        let items = items as u64;
+        if items > 1 {
+            self.started.fetch_add(items - 1, Relaxed);
+        }
+        // A call that mapped nothing (it stopped before its first item)
+        // still ends the one start it counted.
+        self.completed.fetch_add(items.max(1), Relaxed);
     }
 
     pub(crate) fn failed(&self) {
@@ -40,12 +48,6 @@ impl Counters {
 
     pub(crate) fn yielded(&self) {
         self.yielded.fetch_add(1, Relaxed);
-    }
-
-    pub(crate) fn in_flight(&self) -> u64 {
-        // Completed first: a call counted there was counted as started before.
-        let completed = self.completed.load(Relaxed);
-        self.started.load(Relaxed).saturating_sub(completed)
     }
 }
 
@@ -73,7 +75,13 @@ impl Counters {
 /// ```
 #[derive(Clone)]
 pub struct Stats {
-    pub(crate) shared: Arc<Shared>,
+    counters: Arc<Counters>,
+}
+
+impl Stats {
+    pub(crate) fn new(counters: Arc<Counters>) -> Self {
+        Stats { counters }
+    }
 }
 
 impl Stats {
@@ -92,12 +100,16 @@ impl Stats {
     /// # }
     /// ```
     pub fn snapshot(&self) -> Snapshot {
-        let counters = self.shared.counters();
+        let counters = &self.counters;
+        // `in_flight` comes from the same two reads as `started` and
+        // `completed`, so it is 0 whenever they are equal.
+        let completed = counters.completed.load(Relaxed);
+        let started = counters.started.load(Relaxed).max(completed);
         Snapshot {
-            in_flight: counters.in_flight(),
+            in_flight: started - completed,
             pulled: counters.pulled.load(Relaxed),
-            started: counters.started.load(Relaxed),
-            completed: counters.completed.load(Relaxed),
+            started,
+            completed,
             failed: counters.failed.load(Relaxed),
             yielded: counters.yielded.load(Relaxed),
             busy: Duration::from_nanos(counters.busy_nanos.load(Relaxed)),
@@ -113,8 +125,10 @@ impl fmt::Debug for Stats {
 
 /// The counters of a map at one moment; see [`Stats::snapshot`].
 ///
-/// A call maps one item, or up to `k` with `.batch(k)`: `started`,
-/// `completed` and `in_flight` count calls, the others count items.
+/// `started` and `completed` count items; a call that maps several items
+/// (a batch) counts its first item as started when it begins and the rest
+/// when it ends, so `in_flight = started - completed` is the number of calls
+/// running now, and 0 whenever `started == completed`.
 /// `busy / (wall time × limit)` is how busy the map kept its workers.
 ///
 /// ```
@@ -126,9 +140,9 @@ impl fmt::Debug for Stats {
 pub struct Snapshot {
     /// Input items taken from the input stream.
     pub pulled: u64,
-    /// Mapper calls begun.
+    /// Items whose mapping began (for a running batch, its first item).
     pub started: u64,
-    /// Mapper calls that returned (a timed-out blocking call counts when it
+    /// Items whose mapping ended (a timed-out blocking call counts when it
     /// really returns).
     pub completed: u64,
     /// Items that failed: a panic, a timeout, or an `Err` from a `try_` mapper.

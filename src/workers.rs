@@ -2,20 +2,19 @@
 //! pool, fed through a queue. A worker runs call after call without a thread
 //! hand-off in between, which is what makes short items cheap; it leaves the
 //! blocking pool when the map is dropped or after a short idle spell.
-#![allow(unreachable_pub)]
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::Handle;
+/// One unit of work for the pool.
+pub(crate) trait Job: Send + 'static {
+    /// What every job of one pool shares (the mapper).
+    type Shared: Send + Sync + 'static;
 
-use crate::Error;
-use crate::call::{Batch, Call, Current, IsFailure};
-use crate::spawn::Mapper;
-use crate::trace;
+    fn run(self, shared: &Self::Shared);
+}
 
 /// How long an idle worker waits for work before it gives its thread back.
 const IDLE: Duration = Duration::from_millis(50);
@@ -23,19 +22,19 @@ const IDLE: Duration = Duration::from_millis(50);
 /// The workers of one map, owned by its stream. Dropping it closes the
 /// queue: queued calls are dropped (reporting themselves cancelled), idle
 /// workers leave, and running calls end on their own.
-pub struct Workers<T, F: Mapper<T>> {
-    pool: Arc<Pool<T, F>>,
+pub(crate) struct Workers<J: Job> {
+    pool: Arc<Pool<J>>,
 }
 
-struct Pool<T, F: Mapper<T>> {
-    mapper: F,
+struct Pool<J: Job> {
+    shared: J::Shared,
     limit: usize,
-    queue: Mutex<Queue<T, F::Output>>,
+    queue: Mutex<Queue<J>>,
     work: Condvar,
 }
 
-struct Queue<T, U> {
-    jobs: VecDeque<Job<T, U>>,
+struct Queue<J> {
+    jobs: VecDeque<J>,
     workers: usize,
     /// Workers waiting for work that nobody has woken yet.
     idle: usize,
@@ -45,23 +44,11 @@ struct Queue<T, U> {
     closed: bool,
 }
 
-/// One call: its items, its ticket, and what counts as a failure.
-struct Job<T, U> {
-    items: Batch<T>,
-    call: Call<U>,
-    is_failure: IsFailure<U>,
-}
-
-impl<T, F> Workers<T, F>
-where
-    T: Send + 'static,
-    F: Mapper<T>,
-    F::Output: Send + 'static,
-{
-    pub(crate) fn new(mapper: F, limit: usize) -> Self {
+impl<J: Job> Workers<J> {
+    pub(crate) fn new(shared: J::Shared, limit: usize) -> Self {
         Workers {
             pool: Arc::new(Pool {
-                mapper,
+                shared,
                 limit,
                 queue: Mutex::new(Queue {
                     jobs: VecDeque::new(),
@@ -75,22 +62,19 @@ where
         }
     }
 
-    /// Queues a call; wakes an idle worker, or starts one if fewer than
-    /// `limit` exist.
-    pub(crate) fn push(
-        &self,
-        runtime: &Handle,
-        items: Batch<T>,
-        call: Call<F::Output>,
-        is_failure: IsFailure<F::Output>,
-    ) {
+    /// Queues a job; wakes an idle worker, or returns a new worker for the
+    /// caller to start on a blocking thread if fewer than `limit` exist.
+    /// The lock is released before the return: a refused start drops the
+    /// worker, which locks again.
+    pub(crate) fn push(&self, job: J) -> Option<Worker<J>> {
         let start_worker = {
             let mut queue = self.pool.lock();
-            queue.jobs.push_back(Job {
-                items,
-                call,
-                is_failure,
-            });
+            if queue.closed {
+                drop(queue);
+                drop(job);
+                return None;
+            }
+            queue.jobs.push_back(job);
             if queue.idle > 0 {
                 queue.idle -= 1;
                 queue.woken += 1;
@@ -103,18 +87,15 @@ where
                 false
             }
         };
-        if start_worker {
-            let worker = Worker {
-                pool: Arc::clone(&self.pool),
-                left: false,
-            };
-            runtime.spawn_blocking(move || worker.run());
-        }
+        start_worker.then(|| Worker {
+            pool: Arc::clone(&self.pool),
+            left: false,
+        })
     }
-}
 
-impl<T, F: Mapper<T>> Drop for Workers<T, F> {
-    fn drop(&mut self) {
+    /// Drops every queued job now, and lets idle workers leave; later
+    /// pushes drop their job at once.
+    pub(crate) fn close(&self) {
         let queued = {
             let mut queue = self.pool.lock();
             queue.closed = true;
@@ -126,7 +107,13 @@ impl<T, F: Mapper<T>> Drop for Workers<T, F> {
     }
 }
 
-impl<T, F: Mapper<T>> fmt::Debug for Workers<T, F> {
+impl<J: Job> Drop for Workers<J> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl<J: Job> fmt::Debug for Workers<J> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let queue = self.pool.lock();
         f.debug_struct("Workers")
@@ -137,17 +124,17 @@ impl<T, F: Mapper<T>> fmt::Debug for Workers<T, F> {
     }
 }
 
-impl<T, F: Mapper<T>> Pool<T, F> {
+impl<J: Job> Pool<J> {
     /// The lock is never held around user code, so it cannot be poisoned by
     /// a mapper's panic; recover anyway rather than panic in turn.
-    fn lock(&self) -> MutexGuard<'_, Queue<T, F::Output>> {
+    fn lock(&self) -> MutexGuard<'_, Queue<J>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The next job, or `None` when the worker leaves; it is then no longer
     /// counted, decided under the same lock so that a pusher never counts
     /// on a worker that is leaving.
-    fn next_job(&self) -> Option<Job<T, F::Output>> {
+    fn next_job(&self) -> Option<J> {
         let idle_until = Instant::now() + IDLE;
         let mut queue = self.lock();
         loop {
@@ -182,21 +169,21 @@ impl<T, F: Mapper<T>> Pool<T, F> {
 /// (its closure dropped unrun by a runtime shutting down, or a panic in a
 /// value's `Drop`), it gives its place back; the last worker to go cancels
 /// the calls still queued, as nobody would run them.
-struct Worker<T, F: Mapper<T>> {
-    pool: Arc<Pool<T, F>>,
+pub(crate) struct Worker<J: Job> {
+    pool: Arc<Pool<J>>,
     left: bool,
 }
 
-impl<T, F: Mapper<T>> Worker<T, F> {
-    fn run(mut self) {
+impl<J: Job> Worker<J> {
+    pub(crate) fn run(mut self) {
         while let Some(job) = self.pool.next_job() {
-            job.run(&self.pool.mapper);
+            job.run(&self.pool.shared);
         }
         self.left = true;
     }
 }
 
-impl<T, F: Mapper<T>> Drop for Worker<T, F> {
+impl<J: Job> Drop for Worker<J> {
     fn drop(&mut self) {
         if self.left {
             return;
@@ -211,53 +198,5 @@ impl<T, F: Mapper<T>> Drop for Worker<T, F> {
             }
         };
         drop(orphans);
-    }
-}
-
-impl<T, U> Job<T, U> {
-    /// Maps the items in order, stopping at the first failure or at the
-    /// first item the map no longer wants; the rest are dropped unmapped.
-    fn run<F: Mapper<T, Output = U>>(self, mapper: &F) {
-        let Job {
-            items,
-            mut call,
-            is_failure,
-        } = self;
-        let first = call.first();
-        if call.is_cancelled(first) {
-            call.skip();
-            return;
-        }
-        call.start();
-        let _span = trace::call_span(first).entered();
-        let map_one = |index: usize, item: T| {
-            let current = Current::enter(&call, index);
-            let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))
-                .map_err(|payload| Error::panic(index, payload));
-            drop(current);
-            let failed = is_failure(&result);
-            if failed {
-                call.failed_at(index);
-            }
-            (result, failed)
-        };
-        let results = match items {
-            Batch::One(item) => Batch::One(map_one(first, item).0),
-            Batch::Many(items) => {
-                let mut results = Vec::with_capacity(items.len());
-                for (index, item) in (first..).zip(items) {
-                    if index > first && call.is_cancelled(index) {
-                        break;
-                    }
-                    let (result, failed) = map_one(index, item);
-                    results.push(result);
-                    if failed {
-                        break;
-                    }
-                }
-                Batch::Many(results)
-            }
-        };
-        call.finish(results);
     }
 }

@@ -1,0 +1,258 @@
+//! Blocking calls: the mapper, the job that maps one call's items on a
+//! worker thread, and the runner that feeds the [`workers`](crate::workers).
+#![allow(unreachable_pub)]
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::{self, AssertUnwindSafe};
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{self, Thread};
+
+use tokio::runtime::Handle;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::Error;
+use crate::batch::Batch;
+use crate::call::{Call, Current};
+use crate::spawn::{IsFailure, Spawn};
+use crate::trace;
+use crate::workers::{Job, Workers};
+
+/// The function a blocking call applies to each of its items: a closure,
+/// or a closure with per-worker state ([`WithInit`](crate::WithInit)).
+pub trait Mapper<T>: Send + Sync + 'static {
+    /// What one item maps to.
+    type Output;
+
+    /// Applies the mapper to one item.
+    fn call(&self, item: T) -> Self::Output;
+}
+
+impl<T, F, U> Mapper<T> for F
+where
+    F: Fn(T) -> U + Send + Sync + 'static,
+{
+    type Output = U;
+
+    fn call(&self, item: T) -> U {
+        self(item)
+    }
+}
+
+/// The runner of the blocking variants: at most `limit` long-lived workers.
+pub struct Blocking<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    workers: Workers<BlockingJob<T, F>>,
+}
+
+impl<T, F> Blocking<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    pub(crate) fn new(mapper: F, limit: usize) -> Self {
+        Blocking {
+            workers: Workers::new(mapper, limit),
+        }
+    }
+}
+
+impl<T, F> fmt::Debug for Blocking<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Blocking")
+            .field("workers", &self.workers)
+            .finish()
+    }
+}
+
+impl<T, F> Spawn<T> for Blocking<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+    const BATCHES: bool = true;
+
+    fn spawn(
+        &self,
+        runtime: &Handle,
+        items: Batch<T>,
+        call: Call<F::Output>,
+        is_failure: IsFailure<F::Output>,
+    ) -> Option<AbortOnDropHandle<()>> {
+        let job = BlockingJob {
+            items,
+            call,
+            is_failure,
+            mapper: PhantomData,
+        };
+        if let Some(worker) = self.workers.push(job) {
+            // A runtime shutting down drops the closure unrun: the worker
+            // gives its place back and its jobs report themselves cancelled.
+            runtime.spawn_blocking(move || worker.run());
+        }
+        None
+    }
+
+    fn close(&self) {
+        self.workers.close();
+    }
+}
+
+/// One call on a worker: its items, its ticket, and what counts as a failure.
+pub struct BlockingJob<T, F: Mapper<T>> {
+    items: Batch<T>,
+    call: Call<F::Output>,
+    is_failure: IsFailure<F::Output>,
+    mapper: PhantomData<fn() -> F>,
+}
+
+impl<T, F> Job for BlockingJob<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    type Shared = F;
+
+    /// Maps the items in order, stopping at the first item the map no
+    /// longer wants; the rest are dropped unmapped.
+    fn run(self, mapper: &F) {
+        let BlockingJob {
+            items,
+            mut call,
+            is_failure,
+            ..
+        } = self;
+        let first = call.first();
+        if call.is_unwanted() {
+            return call.skip();
+        }
+        if let Some(budget) = call.shared().budget() {
+            match wait_for_permit(budget, call.shared().ended()) {
+                Some(Ok(permit)) => call.hold(permit),
+                Some(Err(_closed)) => return call.finish_one(Err(Error::cancelled(first))),
+                None => return call.skip(),
+            }
+            if call.is_unwanted() {
+                return call.skip();
+            }
+        }
+        call.start();
+        let _span = trace::call_span(first).entered();
+        let current = Current::enter(&call);
+        let map_one = |index: usize, item: T| {
+            let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))
+                .map_err(|payload| Error::panic(index, payload));
+            if is_failure(&result) {
+                call.failed_at(index);
+            }
+            result
+        };
+        let results = match items {
+            Batch::One(item) => {
+                let result = map_one(first, item);
+                drop(current);
+                return match call.progress() {
+                    Some(progress) => {
+                        progress.end(first, result);
+                        call.finish(Vec::new())
+                    }
+                    None => call.finish_one(result),
+                };
+            }
+            Batch::Many(items) => {
+                let mut results = Vec::new();
+                if call.progress().is_none() {
+                    results.reserve_exact(items.len());
+                }
+                for (index, item) in (first..).zip(items) {
+                    // A failure (here or in another call) or the end of the
+                    // map: what is left is dropped unmapped.
+                    if index > first && call.is_cut_off(index) {
+                        break;
+                    }
+                    current.item(index);
+                    let progress = call.progress();
+                    if let (Some(progress), true) = (progress, index > first) {
+                        progress.begin(index);
+                    }
+                    let result = map_one(index, item);
+                    match call.progress() {
+                        Some(progress) => {
+                            progress.end(index, result);
+                        }
+                        None => results.push(result),
+                    }
+                }
+                results
+            }
+        };
+        drop(current);
+        call.finish(results);
+    }
+}
+
+/// Waits on this worker thread for a permit of the budget, or for the map
+/// to end (`None`). The wait is part of the call: a permit is taken only to
+/// run the call at once, and given back when it ends.
+fn wait_for_permit(
+    budget: &Arc<Semaphore>,
+    ended: &CancellationToken,
+) -> Option<Result<OwnedSemaphorePermit, AcquireError>> {
+    if let Ok(permit) = Arc::clone(budget).try_acquire_owned() {
+        return Some(Ok(permit));
+    }
+    let mut acquire = pin!(Arc::clone(budget).acquire_owned());
+    let mut ended = pin!(ended.cancelled());
+    block_on(std::future::poll_fn(|cx| {
+        if ended.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        acquire.as_mut().poll(cx).map(Some)
+    }))
+}
+
+/// Wakes the parked worker thread.
+struct Unpark(Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `future` on this thread, parking it while the future waits. For
+/// futures that need no runtime driver (a semaphore, a token), so that it
+/// works even while the runtime shuts down.
+fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(Unpark(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        thread::park();
+    }
+}

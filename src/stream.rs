@@ -1,0 +1,392 @@
+//! The stream every method of [`ParImapExt`](crate::ParImapExt) returns:
+//! its builder methods, and the `Stream` impl that hands each poll to the
+//! [engine](crate::engine).
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::stream::{FusedStream, Stream};
+use pin_project_lite::pin_project;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+#[cfg(doc)]
+use crate::Error;
+use crate::call::Order;
+use crate::engine::{Engine, Options};
+use crate::stats::Stats;
+use crate::variant::{Batching, Kind, Output};
+
+pin_project! {
+    /// Stream returned by every method of [`ParImapExt`](crate::ParImapExt):
+    /// the items of the input stream mapped in parallel.
+    ///
+    /// `K` names the variant (see [`kind`](crate::kind)). Builder methods
+    /// such as [`window`](ParImap::window) configure it before the first poll.
+    ///
+    /// Dropping it cancels the map: no new mapper call starts, running async
+    /// calls are aborted, and every value it holds is dropped, the input
+    /// last, once nothing runs on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut words = futures::stream::iter(["par", "imap"]).par_imap(2, str::to_uppercase);
+    /// assert_eq!(words.next().await.unwrap().unwrap(), "PAR");
+    /// // Dropping the stream here is all the clean-up there is.
+    /// # }
+    /// ```
+    #[must_use = "streams do nothing unless polled"]
+    pub struct ParImap<St, F, K>
+    where
+        St: Stream,
+        K: Kind<St::Item, F>,
+    {
+        // Fields drop in this order: the engine cancels first, then the
+        // runner drops the queued calls, then the input goes.
+        engine: Engine<Output<K, St::Item, F>>,
+        runner: K::Runner,
+        kind: PhantomData<fn() -> K>,
+        // `None` once the map has ended: an ended map holds no input.
+        #[pin]
+        input: Option<St>,
+    }
+}
+
+impl<St, F, K> ParImap<St, F, K>
+where
+    St: Stream,
+    K: Kind<St::Item, F>,
+{
+    #[track_caller]
+    pub(crate) fn new(input: St, limit: usize, mapper: F, order: Order) -> Self {
+        assert!(
+            limit > 0,
+            "par_imap: `limit` must be at least 1 (the most mapper calls running at once), got 0"
+        );
+        ParImap {
+            engine: Engine::new(Options {
+                order,
+                limit,
+                window: None,
+                batch: None,
+                timeout: None,
+                keep_going: false,
+                token: None,
+                budget: None,
+            }),
+            runner: K::runner(mapper, limit),
+            kind: PhantomData,
+            input: Some(input),
+        }
+    }
+
+    /// Sets the window: at most `window` items pulled from the input and not
+    /// yet yielded, whether their call is running or their result waits for
+    /// its turn. The default is `2 * limit`, or `2 * limit * k` with
+    /// [`batch(k)`](ParImap::batch).
+    ///
+    /// A wider window lets fast items run ahead of a slow one in input order
+    /// (more memory, better throughput under skew); `window == limit` lets no
+    /// result wait while a worker could start the next item.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `window < limit`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// let lengths: Vec<usize> = stream::iter(["a", "bb", "ccc"])
+    ///     .par_imap(2, |s: &str| s.len())
+    ///     .window(16)
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(lengths, [1, 2, 3]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn window(mut self, window: usize) -> Self {
+        assert!(
+            window >= self.engine.options().limit,
+            "par_imap: `window` ({window}) must be at least `limit` ({})",
+            self.engine.options().limit
+        );
+        self.engine.options_mut().window = Some(window);
+        self
+    }
+
+    /// Sets a per-item deadline, counted from the moment the item's mapper
+    /// starts (time waiting for the limit or the window does not count).
+    ///
+    /// An item still running at its deadline fails with an [`Error`] for
+    /// which [`is_timeout`](Error::is_timeout) is true, and the map fails
+    /// fast as for any failure: in input order, items before it that are
+    /// still running go on and are yielded first; unordered, the timeout is
+    /// yielded at once.
+    ///
+    /// An async call is aborted at its deadline. A blocking call cannot be
+    /// pre-empted: from its deadline on [`is_cancelled`](crate::is_cancelled)
+    /// is true inside it, its output is dropped when it returns, and it
+    /// counts against `limit` (and holds its [`semaphore`](ParImap::semaphore)
+    /// permit) until it really ends.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let results: Vec<_> = futures::stream::iter([1, 60, 2])
+    ///     .par_imap_async(3, |secs| async move {
+    ///         tokio::time::sleep(Duration::from_secs(secs)).await;
+    ///         secs
+    ///     })
+    ///     .timeout(Duration::from_secs(10))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(*results[0].as_ref().unwrap(), 1);
+    /// assert!(results[1].as_ref().unwrap_err().is_timeout());
+    /// assert_eq!(results.len(), 2);
+    /// # }
+    /// ```
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.engine.options_mut().timeout = Some(timeout);
+        self
+    }
+
+    /// Cancels the whole map when `token` is cancelled: running async calls
+    /// are aborted, no call starts, and the stream yields one [`Error`] for
+    /// which [`is_cancelled`](Error::is_cancelled) is true, at the lowest
+    /// index not yet yielded, then ends. Results computed but not yet yielded
+    /// are dropped; a failure waiting for its turn gives way to the
+    /// cancellation. If everything was already yielded, the stream just ends.
+    ///
+    /// The map only watches the token: dropping the stream never cancels it.
+    /// Pass a [`child_token`](CancellationToken::child_token) to cancel one
+    /// map among several.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    /// use tokio_util::sync::CancellationToken;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let shutdown = CancellationToken::new();
+    /// let mut results = futures::stream::iter(0..)
+    ///     .par_imap_async(2, |n: u64| async move { n })
+    ///     .cancel_token(shutdown.child_token());
+    /// assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    /// shutdown.cancel();
+    /// let error = results.next().await.unwrap().unwrap_err();
+    /// assert!(error.is_cancelled());
+    /// assert_eq!(error.index(), 1);
+    /// assert!(results.next().await.is_none());
+    /// # }
+    /// ```
+    pub fn cancel_token(mut self, token: CancellationToken) -> Self {
+        self.engine.options_mut().token = Some(token);
+        self
+    }
+
+    /// Makes every mapper call also hold one permit of `semaphore`, so that
+    /// several maps, or a map and other work, share one concurrency budget.
+    ///
+    /// The permit is taken before the input item is pulled, so a map waiting
+    /// for the budget does not hoard input; it is not held while the input
+    /// has nothing to give; and it is released when the call really ends. If
+    /// the semaphore is closed, the map fails at the item that could not
+    /// start with an [`Error`] for which [`is_cancelled`](Error::is_cancelled)
+    /// is true.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    /// use tokio::sync::Semaphore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// // One CPU budget for every pipeline of the service.
+    /// let cpu = Arc::new(Semaphore::new(2));
+    /// let squares = stream::iter(0..10_u64).par_imap(2, |n| n * n).semaphore(cpu.clone());
+    /// let cubes = stream::iter(0..10_u64).par_imap(2, |n| n * n * n).semaphore(cpu);
+    /// let (squares, cubes): (Vec<u64>, Vec<u64>) =
+    ///     futures::try_join!(squares.try_collect(), cubes.try_collect())?;
+    /// assert_eq!((squares[3], cubes[3]), (9, 27));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn semaphore(mut self, semaphore: Arc<Semaphore>) -> Self {
+        self.engine.options_mut().budget = Some(semaphore);
+        self
+    }
+
+    /// A handle on this map's live counters, readable from any task while
+    /// it runs and after: items pulled, calls started and completed, items
+    /// failed and yielded, calls in flight, and the summed busy time of the
+    /// calls. See [`Snapshot`](crate::Snapshot).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let results = futures::stream::iter(0..8_u64).par_imap_async(2, |n| async move {
+    ///     tokio::time::sleep(Duration::from_secs(1)).await;
+    ///     n
+    /// });
+    /// let stats = results.stats();
+    /// let progress = tokio::spawn(async move {
+    ///     tokio::time::sleep(Duration::from_millis(2500)).await;
+    ///     stats.snapshot()
+    /// });
+    /// let all: Vec<_> = results.collect().await;
+    /// let midway = progress.await.unwrap();
+    /// assert_eq!(all.len(), 8);
+    /// assert_eq!((midway.completed, midway.in_flight), (4, 2));
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        Stats::new(Arc::clone(self.engine.counters()))
+    }
+}
+
+impl<St, F, K> ParImap<St, F, K>
+where
+    St: Stream,
+    K: Kind<St::Item, F> + Batching,
+{
+    /// Lets one mapper call process up to `k` consecutive input items that
+    /// are already available, to spread the cost of a call over several
+    /// items when each is short. Blocking variants only.
+    ///
+    /// A batch never waits to fill up: a call takes what the input has ready
+    /// (at least one item), so latency does not grow. Results stay per item,
+    /// with every semantic intact: order, the exact index of a failure inside
+    /// a batch (the items before it are delivered, the items after it are
+    /// never mapped), fail-fast, drop. `limit` counts calls, so up to
+    /// `limit * k` items may be in progress. Unless set with
+    /// [`window`](ParImap::window), the window becomes `2 * limit * k`. With
+    /// [`timeout`](ParImap::timeout), the deadline applies to a whole call,
+    /// and a call that times out fails at its first item.
+    ///
+    /// The default is `k = 1`. Async calls map one item each, so async
+    /// variants have no `batch`:
+    ///
+    /// ```compile_fail
+    /// use par_imap::ParImapExt;
+    /// let _ = futures::stream::iter([1]).par_imap_async(2, |n: i32| async move { n }).batch(4);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `k` is 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// // Sub-microsecond items: 256 of them per call.
+    /// let sum = stream::iter(0..100_000_u64)
+    ///     .par_imap(2, |n| n.wrapping_mul(n) % 7)
+    ///     .batch(256)
+    ///     .try_fold(0, |sum, r| async move { Ok(sum + r) })
+    ///     .await?;
+    /// assert_eq!(sum, (0..100_000_u64).map(|n| n.wrapping_mul(n) % 7).sum::<u64>());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn batch(mut self, k: usize) -> Self {
+        assert!(k > 0, "par_imap: `batch` must be at least 1, got 0");
+        self.engine.set_batch(k);
+        self
+    }
+}
+
+impl<St, F, K> Stream for ParImap<St, F, K>
+where
+    St: Stream,
+    K: Kind<St::Item, F>,
+{
+    type Item = K::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<K::Item>> {
+        let this = self.project();
+        this.engine
+            .poll_next(this.input, this.runner, K::is_failure, cx)
+            .map(|item| item.map(K::into_item))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let input = self.input.as_ref().map_or((0, Some(0)), Stream::size_hint);
+        self.engine.size_hint(input)
+    }
+}
+
+impl<St, F, K> FusedStream for ParImap<St, F, K>
+where
+    St: Stream,
+    K: Kind<St::Item, F>,
+{
+    fn is_terminated(&self) -> bool {
+        self.engine.is_finished()
+    }
+}
+
+impl<St, F, K> fmt::Debug for ParImap<St, F, K>
+where
+    St: Stream + fmt::Debug,
+    K: Kind<St::Item, F>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let engine = &self.engine;
+        let options = engine.options();
+        let (pulled, yielded, in_flight) = engine.progress();
+        f.debug_struct("ParImap")
+            .field("input", &self.input)
+            .field("order", &options.order)
+            .field("limit", &options.limit)
+            .field("window", &engine.window())
+            .field("batch", &options.batch)
+            .field("timeout", &options.timeout)
+            .field("keep_going", &options.keep_going)
+            .field("pulled", &pulled)
+            .field("yielded", &yielded)
+            .field("in_flight", &in_flight)
+            .field("finished", &engine.is_finished())
+            .finish_non_exhaustive()
+    }
+}
