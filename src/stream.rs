@@ -135,10 +135,22 @@ where
     /// starts (time waiting for the limit or the window does not count).
     ///
     /// An item still running at its deadline fails with an [`Error`] for
-    /// which [`is_timeout`](Error::is_timeout) is true, and the map fails
-    /// fast as for any failure: in input order, items before it that are
-    /// still running go on and are yielded first; unordered, the timeout is
-    /// yielded at once.
+    /// which [`is_timeout`](Error::is_timeout) is true, at its own index
+    /// (inside a [`batch`](ParImap::batch) too: each item's deadline counts
+    /// from its own start, and the items of its call before it are
+    /// delivered). The map then fails fast as for any failure: in input
+    /// order, items before it that are still running go on and are yielded
+    /// first; unordered, the timeout is yielded at once. With
+    /// [`keep_going`](ParImap::keep_going) the map goes on instead.
+    ///
+    /// Any `Duration` is accepted, up to `Duration::MAX`: a deadline past
+    /// the clock's range means no deadline, never a panic.
+    ///
+    /// With `tokio_stream::StreamExt` in scope, which has a `timeout` method
+    /// of its own (a deadline between items of any stream), this inherent
+    /// method still wins: `results.timeout(d)` on a `ParImap` is always this
+    /// per-item deadline. Call `tokio_stream::StreamExt::timeout(results, d)`
+    /// to get the other one.
     ///
     /// An async call is aborted at its deadline. A blocking call cannot be
     /// pre-empted: from its deadline on [`is_cancelled`](crate::is_cancelled)
@@ -213,12 +225,17 @@ where
     /// Makes every mapper call also hold one permit of `semaphore`, so that
     /// several maps, or a map and other work, share one concurrency budget.
     ///
-    /// The permit is taken before the input item is pulled, so a map waiting
-    /// for the budget does not hoard input; it is not held while the input
-    /// has nothing to give; and it is released when the call really ends. If
-    /// the semaphore is closed, the map fails at the item that could not
-    /// start with an [`Error`] for which [`is_cancelled`](Error::is_cancelled)
-    /// is true.
+    /// A permit is held only by a call that runs: each call takes its own
+    /// where it runs (an async call inside its task, a blocking call on its
+    /// worker) and gives it back when it really ends. A map that is idle,
+    /// not being polled, waiting for input, ended or dropped holds none and
+    /// leaves no waiting acquire behind, so maps sharing a budget never
+    /// deadlock however the consumer interleaves them (`zip`, `select`), and
+    /// the consumer may take a permit itself between two items. While no
+    /// permit is free, a map holds at most one pulled item: the call waiting
+    /// for a permit. If the semaphore is closed, the map ends with one
+    /// [`Error`] for which [`is_cancelled`](Error::is_cancelled) is true, at
+    /// the lowest index not yet yielded.
     ///
     /// # Examples
     ///
@@ -242,6 +259,41 @@ where
     /// ```
     pub fn semaphore(mut self, semaphore: Arc<Semaphore>) -> Self {
         self.engine.options_mut().budget = Some(semaphore);
+        self
+    }
+
+    /// Goes on past failures: a failed item (a panic, a timeout, or a `try_`
+    /// mapper's `Err`) is yielded at its place as its error, and the map
+    /// goes on with the next items, as `concurrent.futures` or pebble do.
+    /// The limit, the window, the order and what is dropped are unchanged.
+    ///
+    /// Cancellation still ends the map: the token, a closed budget, a
+    /// runtime shutting down, or dropping the stream. A blocking call whose
+    /// item timed out keeps its worker until it returns (a thread cannot be
+    /// killed; [`is_cancelled`](crate::is_cancelled) is true inside it), and
+    /// the other items of its call are mapped after it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // One poisoned message must not stop the consumer.
+    /// let parsed: Vec<Result<u64, anyhow::Error>> = futures::stream::iter(["1", "x", "3"])
+    ///     .try_par_imap(2, |s: &str| Ok(s.parse::<u64>()?))
+    ///     .keep_going()
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(*parsed[0].as_ref().unwrap(), 1);
+    /// assert!(parsed[1].is_err());
+    /// assert_eq!(*parsed[2].as_ref().unwrap(), 3);
+    /// # }
+    /// ```
+    pub fn keep_going(mut self) -> Self {
+        self.engine.options_mut().keep_going = true;
         self
     }
 
@@ -295,8 +347,9 @@ where
     /// never mapped), fail-fast, drop. `limit` counts calls, so up to
     /// `limit * k` items may be in progress. Unless set with
     /// [`window`](ParImap::window), the window becomes `2 * limit * k`. With
-    /// [`timeout`](ParImap::timeout), the deadline applies to a whole call,
-    /// and a call that times out fails at its first item.
+    /// [`timeout`](ParImap::timeout), each item's deadline counts from its
+    /// own start: an item that runs too long fails at its own index, and the
+    /// items of its call before it are delivered.
     ///
     /// The default is `k = 1`. Async calls map one item each, so async
     /// variants have no `batch`:
