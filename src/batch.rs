@@ -12,6 +12,17 @@ pub enum Batch<T> {
 }
 
 impl<T> Batch<T> {
+    /// One value without a vector when there is one.
+    pub(crate) fn from_vec(mut values: Vec<T>) -> Self {
+        match (values.len(), values.pop()) {
+            (1, Some(value)) => Batch::One(value),
+            (_, last) => {
+                values.extend(last);
+                Batch::Many(values)
+            }
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             Batch::One(_) => 1,

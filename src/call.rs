@@ -7,6 +7,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -110,7 +111,7 @@ impl Shared {
 
 /// What a call tells the engine.
 #[derive(Debug)]
-pub(crate) enum Event<U> {
+pub(crate) enum Event<T, U> {
     /// The call's first item started (sent only when items have deadlines).
     /// Calls are named by their first item's index.
     Started { call: usize },
@@ -120,6 +121,12 @@ pub(crate) enum Event<U> {
         call: usize,
         first: usize,
         results: Results<U>,
+        /// How many items the call mapped, in how long: for batch sizing.
+        mapped: usize,
+        busy: Duration,
+        /// Items the call gave back unmapped, from `first + results.len()`
+        /// on: it ran far longer than its size was meant for.
+        given_back: Vec<T>,
     },
     /// The call never ran: it was no longer wanted when it came to run. A
     /// failure at a lower index, or the end of the map, explains it: the
@@ -203,7 +210,7 @@ impl<U> Progress<U> {
 
     /// When the item running now reaches its deadline (`None` if no item
     /// runs, or the one running was given up already).
-    pub(crate) fn deadline(&self, timeout: std::time::Duration) -> Option<Instant> {
+    pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
         let state = self.lock();
         match state.running {
             Some((index, started)) if state.given_up != Some(index) => started.checked_add(timeout),
@@ -212,7 +219,7 @@ impl<U> Progress<U> {
     }
 
     /// The engine's deadline for this call came at `now`.
-    pub(crate) fn expire(&self, now: Instant, timeout: std::time::Duration) -> Expiry<U> {
+    pub(crate) fn expire(&self, now: Instant, timeout: Duration) -> Expiry<U> {
         let mut state = self.lock();
         let Some((index, started)) = state.running else {
             return Expiry::Idle;
@@ -254,22 +261,26 @@ impl<U> Progress<U> {
 /// It holds the call's permit of the shared budget once it has one, released
 /// when the call really ends.
 #[derive(Debug)]
-pub struct Call<U> {
+pub struct Call<T, U> {
     first: usize,
     shared: Arc<Shared>,
-    report: Option<UnboundedSender<Event<U>>>,
+    report: Option<UnboundedSender<Event<T, U>>>,
     progress: Option<Arc<Progress<U>>>,
     /// When the mapper started, for the busy time; `None` until then.
     started_at: Option<std::time::Instant>,
     permit: Option<OwnedSemaphorePermit>,
+    /// Adaptive batches: after running this long, the call gives back the
+    /// items it has not mapped, so that other workers share them.
+    give_back_after: Option<Duration>,
 }
 
-impl<U> Call<U> {
+impl<T, U> Call<T, U> {
     pub(crate) fn new(
         first: usize,
         shared: Arc<Shared>,
-        report: UnboundedSender<Event<U>>,
+        report: UnboundedSender<Event<T, U>>,
         progress: Option<Arc<Progress<U>>>,
+        give_back_after: Option<Duration>,
     ) -> Self {
         Call {
             first,
@@ -278,6 +289,15 @@ impl<U> Call<U> {
             progress,
             started_at: None,
             permit: None,
+            give_back_after,
+        }
+    }
+
+    /// Whether the call has run long enough to give back its other items.
+    pub(crate) fn should_give_back(&self) -> bool {
+        match (self.give_back_after, self.started_at) {
+            (Some(after), Some(started_at)) => started_at.elapsed() > after,
+            _ => false,
         }
     }
 
@@ -329,14 +349,20 @@ impl<U> Call<U> {
 
     /// The call ended: `results` are its results from `first` on, unless
     /// they went through the progress, which then holds what is left.
-    pub(crate) fn finish(mut self, results: Vec<Result<U, Error>>) {
-        let mapped = results.len();
-        self.send(Batch::Many(results), mapped);
+    pub(crate) fn finish(mut self, results: Vec<Result<U, Error>>, mapped: usize) {
+        self.send(Batch::Many(results), mapped, Vec::new());
     }
 
     /// The call of one item ended, without a batch's allocation.
     pub(crate) fn finish_one(mut self, result: Result<U, Error>) {
-        self.send(Batch::One(result), 1);
+        self.send(Batch::One(result), 1, Vec::new());
+    }
+
+    /// The call stops early: `results` for the items it mapped, and the
+    /// items it gives back unmapped.
+    pub(crate) fn give_back(mut self, results: Vec<Result<U, Error>>, rest: Vec<T>) {
+        let mapped = results.len();
+        self.send(Batch::Many(results), mapped, rest);
     }
 
     /// The call will not run: it is no longer wanted. Not a failure.
@@ -349,23 +375,25 @@ impl<U> Call<U> {
     /// Counts the call as ended and reports its results. With a progress,
     /// the results not taken by the engine come from there: `results` is
     /// then empty.
-    fn send(&mut self, results: Results<U>, mapped: usize) {
+    fn send(&mut self, results: Results<U>, mapped: usize, given_back: Vec<T>) {
         let Some(report) = self.report.take() else {
             return;
         };
-        let (first, results, mapped) = match &self.progress {
+        let (first, results) = match &self.progress {
             Some(progress) if results.len() == 0 => {
                 let (first, taken) = progress.take();
-                let mapped = mapped.max(taken.len());
-                (first, Batch::Many(taken), mapped)
+                (first, Batch::Many(taken))
             }
-            _ => (self.first, results, mapped),
+            _ => (self.first, results),
         };
-        if let Some(started_at) = self.started_at.take() {
-            self.shared
-                .counters
-                .call_completed(mapped, started_at.elapsed());
-        }
+        let busy = match self.started_at.take() {
+            Some(started_at) => {
+                let busy = started_at.elapsed();
+                self.shared.counters.call_completed(mapped, busy);
+                busy
+            }
+            None => Duration::ZERO,
+        };
         // The permit goes back before the engine hears, so a call it starts
         // next can take it.
         self.permit = None;
@@ -374,18 +402,21 @@ impl<U> Call<U> {
             call: self.first,
             first,
             results,
+            mapped,
+            busy,
+            given_back,
         });
     }
 }
 
-impl<U> Drop for Call<U> {
+impl<T, U> Drop for Call<T, U> {
     fn drop(&mut self) {
         if self.report.is_some() {
             let index = match &self.progress {
                 Some(progress) => progress.take().0,
                 None => self.first,
             };
-            self.send(Batch::One(Err(Error::cancelled(index))), 0);
+            self.send(Batch::One(Err(Error::cancelled(index))), 0, Vec::new());
         }
     }
 }
@@ -419,7 +450,7 @@ thread_local! {
 pub(crate) struct Current;
 
 impl Current {
-    pub(crate) fn enter<U: Send + 'static>(call: &Call<U>) -> Current {
+    pub(crate) fn enter<T, U: Send + 'static>(call: &Call<T, U>) -> Current {
         let running = Running {
             shared: Arc::clone(&call.shared),
             progress: call

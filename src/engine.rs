@@ -26,7 +26,7 @@ use crate::batch::{Batch, Results};
 use crate::call::{Call, Event, Expiry, Order, Progress, Shared};
 use crate::deadline::{Deadlines, Due};
 use crate::reorder::{Part, Reorder};
-use crate::sizer::Sizer;
+use crate::sizer::{self, Sizer};
 use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
 use crate::trace;
@@ -58,15 +58,15 @@ pub(crate) struct Running<U> {
 
 /// The engine's state, apart from the input and the runner.
 #[derive(Debug)]
-pub(crate) struct Engine<U> {
+pub(crate) struct Engine<T, U> {
     options: Options,
     counters: Arc<Counters>,
     /// Made at the first poll, from the options.
     shared: Option<Arc<Shared>>,
     /// Resolves when the caller's token is cancelled.
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    report: UnboundedSender<Event<U>>,
-    events: UnboundedReceiver<Event<U>>,
+    report: UnboundedSender<Event<T, U>>,
+    events: UnboundedReceiver<Event<T, U>>,
     calls: Reorder<U, Running<U>>,
     deadlines: Deadlines,
     sizer: Sizer,
@@ -85,12 +85,13 @@ pub(crate) struct Engine<U> {
     finished: bool,
 }
 
-impl<U> Engine<U> {
-    pub(crate) fn new(options: Options) -> Self {
+impl<T, U> Engine<T, U> {
+    /// `batches`: whether the runner takes several items per call.
+    pub(crate) fn new(options: Options, batches: bool) -> Self {
         let (report, events) = mpsc::unbounded_channel();
         Engine {
             calls: Reorder::new(options.order),
-            sizer: Sizer::new(options.batch),
+            sizer: Sizer::new(options.batch, batches),
             options,
             counters: Arc::default(),
             shared: None,
@@ -121,7 +122,7 @@ impl<U> Engine<U> {
     /// `.batch(k)`: every call takes up to `k` items.
     pub(crate) fn set_batch(&mut self, k: usize) {
         self.options.batch = Some(k);
-        self.sizer = Sizer::new(Some(k));
+        self.sizer = Sizer::new(Some(k), true);
     }
 
     pub(crate) fn counters(&self) -> &Arc<Counters> {
@@ -165,8 +166,8 @@ impl<U> Engine<U> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<U, Error>>>
     where
-        St: Stream,
-        R: Spawn<St::Item, Output = U>,
+        St: Stream<Item = T>,
+        R: Spawn<T, Output = U>,
     {
         if self.finished {
             return Poll::Ready(None);
@@ -185,7 +186,7 @@ impl<U> Engine<U> {
 
         // 2. Take in what calls report, then the deadlines, so that a
         // failure is seen before more input is pulled.
-        self.collect_events(cx, is_failure);
+        self.collect_events(cx, runner, is_failure);
         self.expire_deadlines(cx);
         if self.cancelled_under {
             return Poll::Ready(self.cancel(input, runner));
@@ -193,16 +194,26 @@ impl<U> Engine<U> {
 
         // 3. Start calls while the limit and the window have room.
         while self.can_start(R::BATCHES) {
-            let most = if R::BATCHES {
-                self.sizer.next_size()
-            } else {
-                1
-            };
+            let most = self.sizer.next_size();
             let room = self.window() - (self.pulled - self.yielded);
             let Some(items) = self.pull(input.as_mut(), cx, most.min(room)) else {
                 break;
             };
-            self.start(runner, items, is_failure);
+            let first = self.pulled;
+            self.pulled += items.len();
+            self.counters.pulled(items.len());
+            // Adaptive sizes: while workers are idle, what came is shared
+            // among them rather than queued behind one, so a slow item never
+            // holds back the ones after it while a worker is free.
+            let pieces = match self.options.batch {
+                None => self.options.limit.saturating_sub(self.in_flight),
+                Some(_) => 1,
+            };
+            for (first, piece) in split(first, items, pieces) {
+                let len = piece.len();
+                let running = self.start(runner, first, piece, is_failure);
+                self.calls.push(len, running);
+            }
         }
 
         // 4. Yield the next result whose turn it is.
@@ -245,7 +256,12 @@ impl<U> Engine<U> {
     }
 
     /// Takes in what calls report.
-    fn collect_events(&mut self, cx: &mut Context<'_>, is_failure: IsFailure<U>) {
+    fn collect_events<R: Spawn<T, Output = U>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        runner: &R,
+        is_failure: IsFailure<U>,
+    ) {
         while let Poll::Ready(Some(event)) = self.events.poll_recv(cx) {
             match event {
                 Event::Started { call } => self.arm(call, None),
@@ -260,9 +276,12 @@ impl<U> Engine<U> {
                     call,
                     first,
                     results,
+                    mapped,
+                    busy,
+                    given_back,
                 } => {
                     self.in_flight -= 1;
-                    self.sizer.observe(&results);
+                    self.sizer.observe(mapped, busy);
                     if !self.calls.is_running(call) {
                         continue; // no longer wanted: dropped here
                     }
@@ -271,6 +290,10 @@ impl<U> Engine<U> {
                         continue;
                     }
                     let failure = self.count_failures(first, &results, is_failure);
+                    if failure.is_none() && !given_back.is_empty() {
+                        self.share_out(runner, call, first, results, given_back, is_failure);
+                        continue;
+                    }
                     let running = self.calls.complete(call, first, results);
                     self.disarm(call, running);
                     if let Some(index) = failure {
@@ -278,6 +301,30 @@ impl<U> Engine<U> {
                     }
                 }
             }
+        }
+    }
+
+    /// `call` mapped `results` (from `first` on) and gave the rest of its
+    /// items back: they go out again as one call per worker.
+    fn share_out<R: Spawn<T, Output = U>>(
+        &mut self,
+        runner: &R,
+        call: usize,
+        first: usize,
+        results: Results<U>,
+        given_back: Vec<T>,
+        is_failure: IsFailure<U>,
+    ) {
+        let rest = first + results.len();
+        let pieces: Vec<_> = split(rest, Batch::Many(given_back), self.options.limit)
+            .into_iter()
+            .map(|(first, items)| {
+                let len = items.len();
+                (first, len, self.start(runner, first, items, is_failure))
+            })
+            .collect();
+        if let Some(Part::GoesOn) = self.calls.complete_part(call, first, results) {
+            self.calls.respawn(call, pieces);
         }
     }
 
@@ -463,12 +510,14 @@ impl<U> Engine<U> {
 
     /// Pulls the items of the next call: at least one, at most `most`, only
     /// what the input has ready.
-    fn pull<St: Stream>(
+    /// Pulls the items of the next call: at least one, at most `most`, only
+    /// what the input has ready.
+    fn pull<St: Stream<Item = T>>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
         cx: &mut Context<'_>,
         most: usize,
-    ) -> Option<Batch<St::Item>> {
+    ) -> Option<Batch<T>> {
         let mut next = || match input.as_mut().as_pin_mut()?.poll_next(cx) {
             Poll::Ready(Some(item)) => Some(item),
             Poll::Ready(None) => {
@@ -481,7 +530,7 @@ impl<U> Engine<U> {
         if most <= 1 {
             return Some(Batch::One(first));
         }
-        let mut items = Vec::with_capacity(most.min(1024));
+        let mut items = Vec::with_capacity(most.min(sizer::MOST));
         items.push(first);
         while items.len() < most {
             match next() {
@@ -492,30 +541,35 @@ impl<U> Engine<U> {
         Some(Batch::Many(items))
     }
 
-    fn start<T, R: Spawn<T, Output = U>>(
+    /// Starts the call over `items`, the first of which is item `first`.
+    fn start<R: Spawn<T, Output = U>>(
         &mut self,
         runner: &R,
+        first: usize,
         items: Batch<T>,
         is_failure: IsFailure<U>,
-    ) {
-        let len = items.len();
-        let first = self.pulled;
-        self.pulled += len;
-        self.counters.pulled(len);
+    ) -> Running<U> {
         let progress = self.options.timeout.map(|_| Progress::new(first));
+        // Adaptive batches (no timeout: its progress reports item by item)
+        // give back what they have not mapped when they run far too long.
+        let give_back_after =
+            (self.options.batch.is_none() && progress.is_none()).then_some(sizer::GIVE_BACK_AFTER);
         let shared = Arc::clone(self.shared());
-        let call = Call::new(first, shared, self.report.clone(), progress.clone());
+        let call = Call::new(
+            first,
+            shared,
+            self.report.clone(),
+            progress.clone(),
+            give_back_after,
+        );
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         let abort = runner.spawn(runtime, items, call, is_failure);
-        self.calls.push(
-            len,
-            Running {
-                _abort: abort,
-                progress,
-                deadline: None,
-            },
-        );
         self.in_flight += 1;
+        Running {
+            _abort: abort,
+            progress,
+            deadline: None,
+        }
     }
 
     fn is_drained(&self) -> bool {
@@ -571,7 +625,7 @@ impl<U> Engine<U> {
     }
 }
 
-impl<U> Drop for Engine<U> {
+impl<T, U> Drop for Engine<T, U> {
     /// Dropping the stream cancels first: nothing starts any more, before
     /// the runner and the input (declared after the engine) are dropped.
     fn drop(&mut self) {
@@ -585,4 +639,24 @@ impl<U> Drop for Engine<U> {
             );
         }
     }
+}
+
+/// `items` (the first is item `first`) as at most `pieces` calls of about
+/// the same size, in order.
+fn split<T>(first: usize, items: Batch<T>, pieces: usize) -> Vec<(usize, Batch<T>)> {
+    let mut rest = match items {
+        Batch::Many(items) if pieces > 1 && items.len() > 1 => items,
+        items => return vec![(first, items)],
+    };
+    let size = rest.len().div_ceil(pieces.min(rest.len()));
+    let mut split = Vec::with_capacity(pieces);
+    let mut at = first;
+    while !rest.is_empty() {
+        let tail = rest.split_off(size.min(rest.len()));
+        let piece = std::mem::replace(&mut rest, tail);
+        let len = piece.len();
+        split.push((at, Batch::from_vec(piece)));
+        at += len;
+    }
+    split
 }

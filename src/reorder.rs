@@ -194,6 +194,32 @@ impl<U, R> Reorder<U, R> {
         Some(Part::GoesOn)
     }
 
+    /// The rest of the running `call` goes on as the calls `pieces`:
+    /// `(first, len, handle)`, consecutive, covering its rest exactly.
+    pub(crate) fn respawn(&mut self, call: usize, pieces: Vec<(usize, usize, R)>) {
+        let Some(at) = self.position(call) else {
+            return;
+        };
+        let Some(slot) = self.slots.remove(at) else {
+            return;
+        };
+        debug_assert_eq!(
+            pieces.iter().map(|&(_, len, _)| len).sum::<usize>(),
+            slot.end - slot.first
+        );
+        for (offset, (first, len, running)) in pieces.into_iter().enumerate() {
+            self.slots.insert(
+                at + offset,
+                Slot {
+                    call: first,
+                    first,
+                    end: first + len,
+                    state: State::Running(running),
+                },
+            );
+        }
+    }
+
     /// The running `call` ended with these results, from `first` on: what
     /// it did not map is skipped. Returns the handle of the call, or `None`
     /// (the results dropped) when the map no longer wants them.

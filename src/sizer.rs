@@ -1,29 +1,103 @@
 //! How many items one blocking call takes: fixed by `.batch(k)`, or sized
-//! from the measured time per item.
+//! from the measured time per item so that a call's work costs far more
+//! than handing it to a worker (about 10–20 µs here), while a slow item is
+//! never held back behind many others.
 
-use crate::batch::Results;
+use std::time::Duration;
+
+/// The work one adaptive call aims at.
+const TARGET: Duration = Duration::from_micros(200);
+
+/// An adaptive call that runs this long gives back the items it has not
+/// mapped, to be shared among the workers: its items got slower.
+pub(crate) const GIVE_BACK_AFTER: Duration = Duration::from_micros(800);
+
+/// The most items an adaptive call takes: the default window is
+/// `2 * limit * MOST`.
+pub(crate) const MOST: usize = 1024;
 
 /// The batch size of the next call.
 #[derive(Debug)]
 pub(crate) struct Sizer {
+    /// `.batch(k)`, or 1 for runners that take one item per call.
     fixed: Option<usize>,
+    /// The estimated time per item, in nanoseconds.
+    per_item: Option<f64>,
+    size: usize,
 }
 
 impl Sizer {
-    pub(crate) fn new(fixed: Option<usize>) -> Self {
-        Sizer { fixed }
+    /// `fixed`: `.batch(k)`; `batches`: whether the runner takes batches.
+    pub(crate) fn new(fixed: Option<usize>, batches: bool) -> Self {
+        Sizer {
+            fixed: fixed.or((!batches).then_some(1)),
+            per_item: None,
+            size: 1,
+        }
     }
 
     /// The most items a call may take.
     pub(crate) fn most(&self) -> usize {
-        self.fixed.unwrap_or(1)
+        self.fixed.unwrap_or(MOST)
     }
 
-    /// The size of the next call.
+    /// The size of the next call: 1 until a call has been measured.
     pub(crate) fn next_size(&self) -> usize {
-        self.most()
+        self.fixed.unwrap_or(self.size)
     }
 
-    /// A call ended with these results.
-    pub(crate) fn observe<U>(&mut self, _results: &Results<U>) {}
+    /// A call mapped `mapped` items in `busy`. Slower items shrink the size
+    /// at once (a slow tail must reach every worker); faster ones grow it
+    /// at most twofold per call.
+    pub(crate) fn observe(&mut self, mapped: usize, busy: Duration) {
+        if self.fixed.is_some() || mapped == 0 {
+            return;
+        }
+        let sample = busy.as_nanos() as f64 / mapped as f64;
+        let estimate = match self.per_item {
+            Some(old) if sample < old => (old + sample) / 2.0,
+            _ => sample,
+        };
+        self.per_item = Some(estimate);
+        let ideal = (TARGET.as_nanos() as f64 / estimate.max(1.0)).clamp(1.0, MOST as f64) as usize;
+        self.size = ideal.min(self.size.saturating_mul(2)).max(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_at_one_and_grows_at_most_twofold() {
+        let mut sizer = Sizer::new(None, true);
+        assert_eq!(sizer.next_size(), 1);
+        sizer.observe(1, Duration::from_nanos(150));
+        assert_eq!(sizer.next_size(), 2);
+        for _ in 0..20 {
+            let size = sizer.next_size();
+            sizer.observe(size, Duration::from_nanos(150) * size as u32);
+        }
+        assert_eq!(sizer.next_size(), MOST);
+    }
+
+    #[test]
+    fn slower_items_shrink_it_at_once() {
+        let mut sizer = Sizer::new(None, true);
+        for _ in 0..20 {
+            let size = sizer.next_size();
+            sizer.observe(size, Duration::from_nanos(150) * size as u32);
+        }
+        sizer.observe(10, Duration::from_millis(16));
+        assert_eq!(sizer.next_size(), 1, "1.6 ms items: one per call");
+    }
+
+    #[test]
+    fn a_fixed_size_stays() {
+        let mut sizer = Sizer::new(Some(7), true);
+        sizer.observe(7, Duration::from_nanos(1));
+        assert_eq!((sizer.next_size(), sizer.most()), (7, 7));
+        let single = Sizer::new(None, false);
+        assert_eq!((single.next_size(), single.most()), (1, 1));
+    }
 }

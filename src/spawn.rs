@@ -30,7 +30,7 @@ pub trait Spawn<T>: Send {
         &self,
         runtime: &Handle,
         items: Batch<T>,
-        call: Call<Self::Output>,
+        call: Call<T, Self::Output>,
         is_failure: IsFailure<Self::Output>,
     ) -> Option<AbortOnDropHandle<()>>;
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::call::Order;
 use crate::engine::{Engine, Options};
+use crate::spawn::Spawn;
 use crate::stats::Stats;
 use crate::variant::{Batching, Kind, Output};
 
@@ -53,7 +54,7 @@ pin_project! {
     {
         // Fields drop in this order: the engine cancels first, then the
         // runner drops the queued calls, then the input goes.
-        engine: Engine<Output<K, St::Item, F>>,
+        engine: Engine<St::Item, Output<K, St::Item, F>>,
         runner: K::Runner,
         kind: PhantomData<fn() -> K>,
         // `None` once the map has ended: an ended map holds no input.
@@ -74,16 +75,19 @@ where
             "par_imap: `limit` must be at least 1 (the most mapper calls running at once), got 0"
         );
         ParImap {
-            engine: Engine::new(Options {
-                order,
-                limit,
-                window: None,
-                batch: None,
-                timeout: None,
-                keep_going: false,
-                token: None,
-                budget: None,
-            }),
+            engine: Engine::new(
+                Options {
+                    order,
+                    limit,
+                    window: None,
+                    batch: None,
+                    timeout: None,
+                    keep_going: false,
+                    token: None,
+                    budget: None,
+                },
+                <K::Runner as Spawn<St::Item>>::BATCHES,
+            ),
             runner: K::runner(mapper, limit),
             kind: PhantomData,
             input: Some(input),

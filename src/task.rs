@@ -51,7 +51,7 @@ where
         &self,
         runtime: &Handle,
         items: Batch<T>,
-        call: Call<Fut::Output>,
+        call: Call<T, Fut::Output>,
         is_failure: IsFailure<Fut::Output>,
     ) -> Option<AbortOnDropHandle<()>> {
         let mapper = Arc::clone(&self.mapper);
@@ -105,7 +105,8 @@ where
                         }
                         results.push(result);
                     }
-                    call.finish(results);
+                    let mapped = results.len();
+                    call.finish(results, mapped);
                 }
             }
         };
