@@ -1,28 +1,73 @@
-//! The blocking seam: at most `limit` long-lived workers on tokio's blocking
-//! pool, fed through a queue. A worker runs call after call without a thread
-//! hand-off in between, which is what makes short items cheap; it leaves the
-//! blocking pool when the map is dropped or after a short idle spell.
+//! The blocking worker pool: at most `limit` long-lived workers fed through
+//! one queue. A worker runs job after job without a thread hand-off in
+//! between, which is what makes short items cheap; it leaves when the pool
+//! is closed or after an idle spell. The pool knows nothing else of the
+//! crate: a [`Job`] brings its own work and shares one `Shared` value (the
+//! mapper) with the other jobs of its pool, and whoever pushes starts each
+//! [`Worker`] it is handed on a blocking thread. So this file is
+//! model-checked alone (`workers/loom_model.rs`).
+//!
+//! Invariants. The queue and its counters change only under the one lock,
+//! and at every release `idle + woken <= workers <= limit`: `workers`
+//! counts each `Worker` handed out and not yet gone, `idle` those waiting
+//! for work that no pusher has woken, `woken` the wake-ups sent and not yet
+//! taken (a pusher moves one worker from `idle` to `woken` as it notifies,
+//! so two pushes never count on one worker; a worker that wakes takes a
+//! `woken` if there is one, else leaves `idle` itself: its timeout or a
+//! spurious wake-up). A worker leaves, uncounting itself, only after seeing
+//! the queue empty under the lock, and only when the pool is closed or its
+//! idle spell is over, so a pusher that saw it counted may rely on it.
+//! `push` queues the job, then wakes an idle worker, or counts a new one
+//! while `workers < limit`, or else relies on the busy ones, which look at
+//! the queue before they idle or leave; hence a queued job always has a
+//! counted worker that is not idle (`jobs` empty or `workers > idle`).
+//! `push` releases the lock before returning the new `Worker`, because a
+//! refused spawn drops that `Worker` and its `Drop` locks again. A `Worker`
+//! that goes without leaving (never started, or unwound by a panic) gives
+//! its place back, and the last one out drops the queued jobs, as nobody is
+//! left to run them. `close` marks the pool closed and takes the queue under
+//! the lock, then wakes every idle worker (they leave) and drops the jobs;
+//! a push after it drops its job and starts no worker. So every job pushed
+//! is either run by one worker or dropped once (by a closed `push`, by
+//! `close`, or by the last worker out), never stranded; and no job is run
+//! or dropped under the lock, so a job's code cannot poison or deadlock the
+//! pool. Under `cfg(par_imap_loom)` the sync types are loom's and time is a
+//! tick count kept in the queue: an idle spell is over once a tick has
+//! passed since it began, and the model's clock thread ticks under the lock
+//! and then wakes every waiter, which stands for the timeout firing (loom's
+//! `wait_timeout` never times out) and for spurious wake-ups too. The
+//! counting invariants are asserted at every lock in debug builds and in
+//! the model.
+//!
+//! The types are `pub` inside this private module, like the other seams,
+//! because `Spawn::Runner` (a public trait's associated type) names them.
+#![allow(unreachable_pub)]
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::mem;
+use std::sync::PoisonError;
+
+#[cfg(par_imap_loom)]
+use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+#[cfg(not(par_imap_loom))]
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+#[cfg(all(test, par_imap_loom))]
+mod loom_model;
 
 /// One unit of work for the pool.
-pub(crate) trait Job: Send + 'static {
-    /// What every job of one pool shares (the mapper).
+pub trait Job: Send + 'static {
+    /// What every job of one pool shares (e.g. the mapper).
     type Shared: Send + Sync + 'static;
 
+    /// Does the work, on a worker's thread.
     fn run(self, shared: &Self::Shared);
 }
 
-/// How long an idle worker waits for work before it gives its thread back.
-const IDLE: Duration = Duration::from_millis(50);
-
 /// The workers of one map, owned by its stream. Dropping it closes the
-/// queue: queued calls are dropped (reporting themselves cancelled), idle
-/// workers leave, and running calls end on their own.
-pub(crate) struct Workers<J: Job> {
+/// pool (see [`Workers::close`]).
+pub struct Workers<J: Job> {
     pool: Arc<Pool<J>>,
 }
 
@@ -30,6 +75,7 @@ struct Pool<J: Job> {
     shared: J::Shared,
     limit: usize,
     queue: Mutex<Queue<J>>,
+    /// Signalled when a job is queued for an idle worker, and on close.
     work: Condvar,
 }
 
@@ -38,14 +84,16 @@ struct Queue<J> {
     workers: usize,
     /// Workers waiting for work that nobody has woken yet.
     idle: usize,
-    /// Wake-ups sent and not yet taken by a worker. A pusher takes a worker
-    /// off `idle` as it wakes it, so two pushes never count on one worker.
+    /// Wake-ups sent and not yet taken by a worker.
     woken: usize,
     closed: bool,
+    clock: idle::Clock,
 }
 
 impl<J: Job> Workers<J> {
+    /// A pool of at most `limit` workers, which must be at least 1.
     pub(crate) fn new(shared: J::Shared, limit: usize) -> Self {
+        assert!(limit > 0, "a pool needs room for one worker");
         Workers {
             pool: Arc::new(Pool {
                 shared,
@@ -56,53 +104,54 @@ impl<J: Job> Workers<J> {
                     idle: 0,
                     woken: 0,
                     closed: false,
+                    clock: idle::Clock::new(),
                 }),
                 work: Condvar::new(),
             }),
         }
     }
 
-    /// Queues a job; wakes an idle worker, or returns a new worker for the
-    /// caller to start on a blocking thread if fewer than `limit` exist.
-    /// The lock is released before the return: a refused start drops the
-    /// worker, which locks again.
+    /// Queues a job. Returns a worker the caller must start on a blocking
+    /// thread when fewer than `limit` exist and none is idle; the lock is
+    /// released before return, since dropping the worker (a refused spawn)
+    /// takes it again. After [`close`](Self::close) the job is dropped at
+    /// once and no worker is started.
     pub(crate) fn push(&self, job: J) -> Option<Worker<J>> {
-        let start_worker = {
-            let mut queue = self.pool.lock();
-            if queue.closed {
-                drop(queue);
-                drop(job);
-                return None;
-            }
-            queue.jobs.push_back(job);
-            if queue.idle > 0 {
-                queue.idle -= 1;
-                queue.woken += 1;
-                self.pool.work.notify_one();
-                false
-            } else if queue.workers < self.pool.limit {
-                queue.workers += 1;
-                true
-            } else {
-                false
-            }
+        let mut queue = self.pool.lock();
+        if queue.closed {
+            drop(queue);
+            drop(job);
+            return None;
+        }
+        queue.jobs.push_back(job);
+        let start_worker = if queue.idle > 0 {
+            queue.idle -= 1;
+            queue.woken += 1;
+            self.pool.work.notify_one();
+            false
+        } else if queue.workers < self.pool.limit {
+            queue.workers += 1;
+            true
+        } else {
+            false
         };
+        drop(queue);
         start_worker.then(|| Worker {
             pool: Arc::clone(&self.pool),
             left: false,
         })
     }
 
-    /// Drops every queued job now, and lets idle workers leave; later
-    /// pushes drop their job at once.
+    /// Drops every queued job now (outside the lock) and wakes the idle
+    /// workers so they leave; running jobs end on their own. Later pushes
+    /// drop their job at once.
     pub(crate) fn close(&self) {
         let queued = {
             let mut queue = self.pool.lock();
             queue.closed = true;
-            std::mem::take(&mut queue.jobs)
+            mem::take(&mut queue.jobs)
         };
         self.pool.work.notify_all();
-        // Outside the lock: dropping a job drops its items and reports it.
         drop(queued);
     }
 }
@@ -119,62 +168,82 @@ impl<J: Job> fmt::Debug for Workers<J> {
         f.debug_struct("Workers")
             .field("limit", &self.pool.limit)
             .field("workers", &queue.workers)
+            .field("idle", &queue.idle)
             .field("queued", &queue.jobs.len())
-            .finish()
+            .field("closed", &queue.closed)
+            .finish_non_exhaustive()
     }
 }
 
 impl<J: Job> Pool<J> {
-    /// The lock is never held around user code, so it cannot be poisoned by
-    /// a mapper's panic; recover anyway rather than panic in turn.
+    /// No job is run or dropped under the lock, so it is poisoned only by
+    /// a failed `check`; recover anyway rather than panic in turn.
     fn lock(&self) -> MutexGuard<'_, Queue<J>> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+        let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.check(self.limit);
+        queue
     }
 
     /// The next job, or `None` when the worker leaves; it is then no longer
     /// counted, decided under the same lock so that a pusher never counts
     /// on a worker that is leaving.
     fn next_job(&self) -> Option<J> {
-        let idle_until = Instant::now() + IDLE;
         let mut queue = self.lock();
+        let spell_end = queue.clock.spell_end();
         loop {
             if let Some(job) = queue.jobs.pop_front() {
                 return Some(job);
             }
             // Only here, with the queue seen empty under the lock, may a
             // worker leave: no job can be stranded by its going.
-            let left = idle_until.saturating_duration_since(Instant::now());
-            if queue.closed || left.is_zero() {
+            if queue.closed || queue.clock.is_past(spell_end) {
                 queue.workers -= 1;
                 return None;
             }
             queue.idle += 1;
-            queue = self
-                .work
-                .wait_timeout(queue, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            queue = idle::wait(&self.work, queue, spell_end);
+            queue.check(self.limit);
             if queue.woken > 0 {
                 // A pusher already took one worker off `idle`: this is it.
                 queue.woken -= 1;
             } else {
-                // Woken by the timeout or spuriously: leave `idle` ourselves.
+                // The spell is over, or a spurious wake-up: leave `idle` ourselves.
                 queue.idle -= 1;
             }
         }
     }
 }
 
-/// One worker thread's hold on the pool. If it ends other than by leaving
-/// (its closure dropped unrun by a runtime shutting down, or a panic in a
-/// value's `Drop`), it gives its place back; the last worker to go cancels
-/// the calls still queued, as nobody would run them.
-pub(crate) struct Worker<J: Job> {
+impl<J> Queue<J> {
+    /// The counting invariants of the module doc.
+    fn check(&self, limit: usize) {
+        if cfg!(any(debug_assertions, par_imap_loom)) {
+            assert!(
+                self.idle + self.woken <= self.workers && self.workers <= limit,
+                "idle {} + woken {} <= workers {} <= limit {limit}",
+                self.idle,
+                self.woken,
+                self.workers,
+            );
+            assert!(
+                self.jobs.is_empty() || self.workers > self.idle,
+                "a queued job with no worker coming"
+            );
+        }
+    }
+}
+
+/// One worker's hold on the pool, to be run on a blocking thread. If it
+/// goes other than by leaving (never started because the spawn was refused,
+/// or unwound by a panic) it gives its place back; the last worker to go
+/// drops the jobs still queued, as nobody would run them.
+pub struct Worker<J: Job> {
     pool: Arc<Pool<J>>,
     left: bool,
 }
 
 impl<J: Job> Worker<J> {
+    /// Runs jobs until the pool is closed or an idle spell is over.
     pub(crate) fn run(mut self) {
         while let Some(job) = self.pool.next_job() {
             job.run(&self.pool.shared);
@@ -192,11 +261,102 @@ impl<J: Job> Drop for Worker<J> {
             let mut queue = self.pool.lock();
             queue.workers -= 1;
             if queue.workers == 0 {
-                std::mem::take(&mut queue.jobs)
+                mem::take(&mut queue.jobs)
             } else {
                 VecDeque::new()
             }
         };
         drop(orphans);
+    }
+}
+
+impl<J: Job> fmt::Debug for Worker<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("left", &self.left)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long an idle spell lasts: real time in production.
+#[cfg(not(par_imap_loom))]
+mod idle {
+    use std::sync::{Condvar, MutexGuard, PoisonError};
+    use std::time::{Duration, Instant};
+
+    /// How long an idle worker waits for work before it gives its thread back.
+    const SPELL: Duration = Duration::from_millis(50);
+
+    /// Real time needs no state.
+    #[derive(Debug)]
+    pub(super) struct Clock;
+
+    impl Clock {
+        pub(super) fn new() -> Self {
+            Clock
+        }
+
+        /// When an idle spell that starts now is over.
+        pub(super) fn spell_end(&self) -> Instant {
+            Instant::now() + SPELL
+        }
+
+        pub(super) fn is_past(&self, end: Instant) -> bool {
+            Instant::now() >= end
+        }
+    }
+
+    /// Waits for a wake-up, or until `end`.
+    pub(super) fn wait<'a, T>(
+        work: &Condvar,
+        queue: MutexGuard<'a, T>,
+        end: Instant,
+    ) -> MutexGuard<'a, T> {
+        let left = end.saturating_duration_since(Instant::now());
+        work.wait_timeout(queue, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+}
+
+/// How long an idle spell lasts in the model: one tick of a clock that a
+/// test thread advances (see the module doc).
+#[cfg(par_imap_loom)]
+mod idle {
+    use loom::sync::{Condvar, MutexGuard};
+    use std::sync::PoisonError;
+
+    #[derive(Debug)]
+    pub(super) struct Clock {
+        ticks: usize,
+    }
+
+    impl Clock {
+        pub(super) fn new() -> Self {
+            Clock { ticks: 0 }
+        }
+
+        pub(super) fn spell_end(&self) -> usize {
+            self.ticks + 1
+        }
+
+        pub(super) fn is_past(&self, end: usize) -> bool {
+            self.ticks >= end
+        }
+
+        /// Time passes; the caller then wakes every waiter, as their
+        /// timeouts would.
+        pub(super) fn tick(&mut self) {
+            self.ticks += 1;
+        }
+    }
+
+    /// Waits for a wake-up: a push, close, or the clock's tick.
+    pub(super) fn wait<'a, T>(
+        work: &Condvar,
+        queue: MutexGuard<'a, T>,
+        _end: usize,
+    ) -> MutexGuard<'a, T> {
+        work.wait(queue).unwrap_or_else(PoisonError::into_inner)
     }
 }
