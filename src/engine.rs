@@ -180,22 +180,74 @@ impl<T, U> Engine<T, U> {
         self.shared();
 
         // 1. Cancellation from outside wins over anything still owed.
-        if self.is_cancelled_from_outside(cx) {
+        if self.is_cancelled_from_outside() {
             return Poll::Ready(self.cancel(input, runner));
         }
+        loop {
+            // 2. Take in what calls report, then the deadlines, so that a
+            // failure is seen before more input is pulled.
+            while let Ok(event) = self.events.try_recv() {
+                self.take_in(event, runner, is_failure);
+            }
+            self.expire_deadlines(cx);
+            if self.cancelled_under {
+                return Poll::Ready(self.cancel(input, runner));
+            }
 
-        // 2. Take in what calls report, then the deadlines, so that a
-        // failure is seen before more input is pulled.
-        self.collect_events(cx, runner, is_failure);
-        self.expire_deadlines(cx);
-        if self.cancelled_under {
-            return Poll::Ready(self.cancel(input, runner));
+            // 3. Start calls while the limit and the window have room.
+            self.start_calls(input.as_mut(), runner, is_failure, cx);
+
+            // 4. Yield the next result whose turn it is.
+            if let Some(result) = self.calls.pop() {
+                self.yielded += 1;
+                self.counters.yielded();
+                if !self.options.keep_going && is_failure(&result) {
+                    self.finish(input, runner);
+                }
+                return Poll::Ready(Some(result));
+            }
+            if self.is_drained() {
+                self.finish(input, runner);
+                return Poll::Ready(None);
+            }
+
+            // 5. Nothing to yield: a report or the token must wake the task.
+            // Registering costs more than the rest of a poll, so it is done
+            // only here, and a report that came meanwhile goes round again.
+            if let Some(cancelled) = &mut self.cancelled {
+                if cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(self.cancel(input, runner));
+                }
+            }
+            match self.events.poll_recv(cx) {
+                Poll::Ready(Some(event)) => self.take_in(event, runner, is_failure),
+                // The engine holds a sender: the channel never closes.
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
         }
+    }
 
-        // 3. Start calls while the limit and the window have room.
+    /// Starts calls while the limit and the window have room.
+    fn start_calls<St, R>(
+        &mut self,
+        mut input: Pin<&mut Option<St>>,
+        runner: &R,
+        is_failure: IsFailure<U>,
+        cx: &mut Context<'_>,
+    ) where
+        St: Stream<Item = T>,
+        R: Spawn<T, Output = U>,
+    {
         while self.can_start(R::BATCHES) {
             let most = self.sizer.next_size();
             let room = self.window() - (self.pulled - self.yielded);
+            // While calls run, wait for the consumer to make room for a
+            // fair share of the window rather than start a call on a few
+            // items: its dispatch would cost more than their work.
+            let share = self.window() / self.options.limit.saturating_mul(2);
+            if self.in_flight > 0 && room < most.min(share).max(1) {
+                break;
+            }
             let Some(items) = self.pull(input.as_mut(), cx, most.min(room)) else {
                 break;
             };
@@ -215,28 +267,17 @@ impl<T, U> Engine<T, U> {
                 self.calls.push(len, running);
             }
         }
-
-        // 4. Yield the next result whose turn it is.
-        if let Some(result) = self.calls.pop() {
-            self.yielded += 1;
-            self.counters.yielded();
-            if !self.options.keep_going && is_failure(&result) {
-                self.finish(input, runner);
-            }
-            return Poll::Ready(Some(result));
-        }
-        if self.is_drained() {
-            self.finish(input, runner);
-            return Poll::Ready(None);
-        }
-        Poll::Pending
     }
 
-    /// External cancellation, checked before anything else.
-    fn is_cancelled_from_outside(&mut self, cx: &mut Context<'_>) -> bool {
-        self.cancelled
-            .as_mut()
-            .is_some_and(|cancelled| cancelled.as_mut().poll(cx).is_ready())
+    /// External cancellation, checked before anything else (the token's
+    /// waker is registered only when the map waits).
+    fn is_cancelled_from_outside(&self) -> bool {
+        self.cancelled.is_some()
+            && self
+                .options
+                .token
+                .as_ref()
+                .is_some_and(CancellationToken::is_cancelled)
     }
 
     /// Ends the map with one cancellation error at the lowest index not yet
@@ -255,14 +296,14 @@ impl<T, U> Engine<T, U> {
         })
     }
 
-    /// Takes in what calls report.
-    fn collect_events<R: Spawn<T, Output = U>>(
+    /// Takes in one report of a call.
+    fn take_in<R: Spawn<T, Output = U>>(
         &mut self,
-        cx: &mut Context<'_>,
+        event: Event<T, U>,
         runner: &R,
         is_failure: IsFailure<U>,
     ) {
-        while let Poll::Ready(Some(event)) = self.events.poll_recv(cx) {
+        {
             match event {
                 Event::Started { call } => self.arm(call, None),
                 Event::Skipped { call } => {
@@ -283,16 +324,16 @@ impl<T, U> Engine<T, U> {
                     self.in_flight -= 1;
                     self.sizer.observe(mapped, busy);
                     if !self.calls.is_running(call) {
-                        continue; // no longer wanted: dropped here
+                        return; // no longer wanted: dropped here
                     }
                     if results.last().is_some_and(Self::is_cancellation) {
                         self.cancelled_under = true;
-                        continue;
+                        return;
                     }
                     let failure = self.count_failures(first, &results, is_failure);
                     if failure.is_none() && !given_back.is_empty() {
                         self.share_out(runner, call, first, results, given_back, is_failure);
-                        continue;
+                        return;
                     }
                     let running = self.calls.complete(call, first, results);
                     self.disarm(call, running);

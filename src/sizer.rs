@@ -47,8 +47,9 @@ impl Sizer {
     }
 
     /// A call mapped `mapped` items in `busy`. Slower items shrink the size
-    /// at once (a slow tail must reach every worker); faster ones grow it
-    /// at most twofold per call.
+    /// quickly, to the geometric mean of the old estimate and the new one
+    /// (a 1000-fold slowdown takes two calls, a call that was merely
+    /// preempted costs little); faster ones grow it at most twofold per call.
     pub(crate) fn observe(&mut self, mapped: usize, busy: Duration) {
         if self.fixed.is_some() || mapped == 0 {
             return;
@@ -56,7 +57,8 @@ impl Sizer {
         let sample = busy.as_nanos() as f64 / mapped as f64;
         let estimate = match self.per_item {
             Some(old) if sample < old => (old + sample) / 2.0,
-            _ => sample,
+            Some(old) => (old * sample).sqrt(),
+            None => sample,
         };
         self.per_item = Some(estimate);
         let ideal = (TARGET.as_nanos() as f64 / estimate.max(1.0)).clamp(1.0, MOST as f64) as usize;
@@ -89,6 +91,7 @@ mod tests {
             sizer.observe(size, Duration::from_nanos(150) * size as u32);
         }
         sizer.observe(10, Duration::from_millis(16));
+        sizer.observe(1, Duration::from_micros(1600));
         assert_eq!(sizer.next_size(), 1, "1.6 ms items: one per call");
     }
 
