@@ -163,6 +163,28 @@ async fn zip_of_two_maps_on_one_permit_budget_does_not_hang() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn zip_of_a_failing_map_and_an_empty_map_on_one_permit_does_not_hang() {
+    // Found by tests/composition.rs, deterministic: the empty map waits for
+    // a permit before it may see that its input is empty; the failed map's
+    // pending acquire takes the permit its call gave back, and keeps it.
+    let budget = Arc::new(Semaphore::new(1));
+    let failing = stream::iter(0..1_usize)
+        .par_imap_async_unordered(2, |n| async move {
+            assert!(n != 0, "item 0 panics");
+            n
+        })
+        .semaphore(budget.clone());
+    let empty = stream::iter(0..0_usize)
+        .par_imap_async_unordered(1, |n| async move { n })
+        .semaphore(budget.clone());
+    let pairs: Vec<_> = timeout(BOUND, failing.zip(empty).collect())
+        .await
+        .expect("zip hung");
+    assert!(pairs.is_empty());
+    assert_eq!(budget.available_permits(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zip_of_two_async_maps_on_one_permit_budget_does_not_hang_on_a_multi_thread_runtime() {
     // The issue saw this hang about two runs in three: 20 rounds.
