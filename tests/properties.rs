@@ -147,8 +147,8 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
                     }),
                     drop_after: drop_after.and_then(pick),
                     cancel_after: cancel_after.and_then(pick),
-                    // Batched calls share one deadline: keep timeouts to k = 1.
-                    timeout_at: timeout_at.and_then(pick).filter(|_| batch == 1),
+                    // DESIGN.md: the deadline is per item, also inside a batch.
+                    timeout_at: timeout_at.and_then(pick),
                 }
             },
         )

@@ -1,0 +1,845 @@
+//! Property tests of composition (DESIGN.md semantics 1–8 across maps):
+//! two or three maps share one `Semaphore` budget of 1–3 permits, and a
+//! consumer interleaves them (`zip`, `select`, alternating `next()`, or
+//! taking a permit of the budget itself between items). Each map draws its
+//! own order, variant, limit, window, batch, failure and pattern; the case
+//! draws one deadline for all (none, a per-item timeout with one slow
+//! outlier, `Duration::MAX`, `from_secs(u64::MAX)`, `ZERO`), an early drop,
+//! and a token cancelling one map at a random point. A second property
+//! shuts a map's runtime down at a random point and polls it again from
+//! another runtime.
+//!
+//! Every case checks what it can observe: order; the window (items pulled
+//! and not yet yielded, from an instrumented input); the limit per map and
+//! the budget across maps (counters of running calls); fail-fast (values
+//! `0..k` then `k`'s failure, nothing started once the consumer saw the
+//! end); a cancellation names the lowest index never yielded; values
+//! dropped exactly once; no hang (every wait bounded); the budget whole
+//! again once the maps have ended, before they are dropped.
+//!
+//! Async-only cases run on a current-thread runtime with paused time;
+//! cases with blocking maps on a real 2-thread runtime with µs durations.
+//! `PAR_IMAP_CASES` sets the cases per mode (default 256, what CI runs).
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Calls, Running, Tracked, Tracker};
+use futures::stream::BoxStream;
+use futures::{StreamExt, stream};
+use par_imap::ParImapExt;
+use proptest::prelude::*;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailKind {
+    Err,
+    Panic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    None,
+    /// A per-item timeout of `TIMEOUT_UNITS`, one item far slower.
+    Outlier,
+    Max,
+    SecsMax,
+    Zero,
+}
+
+impl Deadline {
+    fn duration(self, real: bool) -> Option<Duration> {
+        match self {
+            Deadline::None => None,
+            Deadline::Outlier if real => Some(Duration::from_millis(100)),
+            Deadline::Outlier => Some(Duration::from_millis(TIMEOUT_UNITS)),
+            Deadline::Max => Some(Duration::MAX),
+            Deadline::SecsMax => Some(Duration::from_secs(u64::MAX)),
+            Deadline::Zero => Some(Duration::ZERO),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consumer {
+    Zip,
+    Select,
+    Alternate,
+    /// Alternating `next()`, and a permit of the budget taken and given
+    /// back after every item.
+    PermitBetween,
+}
+
+#[derive(Debug, Clone)]
+struct MapCase {
+    len: usize,
+    limit: usize,
+    window: Option<usize>,
+    batch: usize,
+    ordered: bool,
+    blocking: bool,
+    fallible: bool,
+    /// Item 0 takes 50 units, or every 7th item 10 units.
+    slow_head: bool,
+    skewed: bool,
+    failure: Option<(usize, FailKind)>,
+    /// The item too slow for the `Outlier` deadline.
+    outlier: Option<usize>,
+}
+
+impl MapCase {
+    fn units(&self, index: usize) -> u64 {
+        if self.outlier == Some(index) {
+            1_000_000
+        } else if self.slow_head && index == 0 {
+            50
+        } else if self.skewed && index % 7 == 0 {
+            10
+        } else {
+            1
+        }
+    }
+
+    fn window(&self) -> usize {
+        self.window.unwrap_or(2 * self.limit * self.batch)
+    }
+
+    fn failing_index(&self) -> Option<usize> {
+        let failure = self.failure.map(|(index, _)| index);
+        match (failure, self.outlier) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    maps: Vec<MapCase>,
+    permits: usize,
+    consumer: Consumer,
+    deadline: Deadline,
+    /// Drop everything after this many items in total.
+    drop_after: Option<usize>,
+    /// Cancel map `.0`'s token after `.1` items in total.
+    cancel: Option<(usize, usize)>,
+    /// A real multi-thread runtime (some map is blocking), or paused time.
+    real: bool,
+}
+
+/// A per-item timeout far above every item's time but the outlier's.
+const TIMEOUT_UNITS: u64 = 200;
+
+/// No case may wait longer than this for anything: generous in real time,
+/// free in paused time.
+const BOUND: Duration = Duration::from_secs(10);
+
+fn map_case(real: bool, deadline: Deadline) -> impl Strategy<Value = MapCase> {
+    let max_len: usize = if real { 40 } else { 150 };
+    (
+        0..max_len,
+        1..=3_usize,
+        prop_oneof![Just(None), (0..=2_usize).prop_map(Some)],
+        1..=4_usize,
+        any::<bool>(),
+        if real {
+            any::<bool>().boxed()
+        } else {
+            Just(false).boxed()
+        },
+        any::<bool>(),
+        (any::<bool>(), any::<bool>()),
+        proptest::option::weighted(0.3, (any::<prop::sample::Index>(), any::<bool>())),
+        proptest::option::weighted(0.7, any::<prop::sample::Index>())
+            .prop_map(move |outlier| outlier.filter(|_| deadline == Deadline::Outlier)),
+    )
+        .prop_map(
+            move |(
+                len,
+                limit,
+                extra,
+                batch,
+                ordered,
+                blocking,
+                fallible,
+                (slow_head, skewed),
+                failure,
+                outlier,
+            )| {
+                let pick = |index: prop::sample::Index| (len > 0).then(|| index.index(len));
+                MapCase {
+                    len,
+                    limit,
+                    window: extra.map(|extra| limit + extra * limit),
+                    batch: if blocking { batch } else { 1 },
+                    ordered,
+                    blocking,
+                    fallible,
+                    slow_head,
+                    skewed,
+                    failure: failure.and_then(|(index, err)| {
+                        let kind = if err && fallible {
+                            FailKind::Err
+                        } else {
+                            FailKind::Panic
+                        };
+                        pick(index).map(|index| (index, kind))
+                    }),
+                    outlier: outlier.and_then(pick),
+                }
+            },
+        )
+}
+
+fn case(real: bool) -> impl Strategy<Value = Case> {
+    prop_oneof![
+        3 => Just(Deadline::None),
+        3 => Just(Deadline::Outlier),
+        1 => Just(Deadline::Max),
+        1 => Just(Deadline::SecsMax),
+        1 => Just(Deadline::Zero),
+    ]
+    .prop_flat_map(move |deadline| {
+        (
+            proptest::collection::vec(map_case(real, deadline), 2..=3),
+            1..=3_usize,
+            prop_oneof![
+                Just(Consumer::Zip),
+                Just(Consumer::Select),
+                Just(Consumer::Alternate),
+                Just(Consumer::PermitBetween),
+            ],
+            Just(deadline),
+            proptest::option::weighted(0.15, 0..100_usize),
+            proptest::option::weighted(0.25, (0..3_usize, 0..100_usize)),
+        )
+    })
+    .prop_map(
+        move |(maps, permits, consumer, deadline, drop_after, cancel)| {
+            let count = maps.len();
+            Case {
+                real: real && maps.iter().any(|map| map.blocking),
+                maps,
+                permits,
+                consumer,
+                deadline,
+                drop_after,
+                cancel: cancel.map(|(map, after)| (map % count, after)),
+            }
+        },
+    )
+}
+
+/// What the consumer saw from one map.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Value(usize),
+    Failed { index: usize, kind: &'static str },
+}
+
+#[derive(Debug)]
+enum TestError {
+    Mine(usize),
+    Machinery(par_imap::Error),
+}
+
+impl From<par_imap::Error> for TestError {
+    fn from(error: par_imap::Error) -> Self {
+        TestError::Machinery(error)
+    }
+}
+
+fn kind(error: &par_imap::Error) -> &'static str {
+    if error.is_panic() {
+        "panic"
+    } else if error.is_timeout() {
+        "timeout"
+    } else {
+        "cancelled"
+    }
+}
+
+fn seen(result: Result<Tracked, TestError>) -> Seen {
+    match result {
+        Ok(output) => Seen::Value(output.value),
+        Err(TestError::Mine(index)) => Seen::Failed { index, kind: "err" },
+        Err(TestError::Machinery(error)) => Seen::Failed {
+            index: error.index(),
+            kind: kind(&error),
+        },
+    }
+}
+
+fn seen_plain(result: Result<Result<Tracked, ()>, par_imap::Error>) -> Seen {
+    seen(
+        result
+            .map_err(TestError::from)
+            .map(|ok| ok.expect("plain maps only panic")),
+    )
+}
+
+/// Everything one map's input and mapper report.
+#[derive(Clone, Default)]
+struct Probe {
+    calls: Calls,
+    pulled: Arc<AtomicUsize>,
+    yielded: Arc<AtomicUsize>,
+    lookahead: Arc<AtomicUsize>,
+    /// Set once the consumer saw this map's error or end, or dropped it.
+    over: Arc<AtomicBool>,
+    started_after_over: Arc<AtomicUsize>,
+    log: Arc<Mutex<Vec<Seen>>>,
+    ended: Arc<AtomicBool>,
+}
+
+/// The probes of a whole case.
+#[derive(Clone, Default)]
+struct Probes {
+    tracker: Tracker,
+    /// Calls running across all maps: at most one per permit.
+    budget_calls: Calls,
+    maps: Vec<Probe>,
+}
+
+/// Builds map `m` of `case`, normalised to one item type and logged.
+fn build(
+    case: &Case,
+    m: usize,
+    probes: &Probes,
+    budget: &Arc<Semaphore>,
+    token: &CancellationToken,
+) -> BoxStream<'static, Seen> {
+    let map = &case.maps[m];
+    let probe = &probes.maps[m];
+    let (tracker, pulled, yielded, lookahead) = (
+        probes.tracker.clone(),
+        probe.pulled.clone(),
+        probe.yielded.clone(),
+        probe.lookahead.clone(),
+    );
+    let input = stream::iter(0..map.len).map(move |index| {
+        let now = pulled.fetch_add(1, Ordering::SeqCst) + 1;
+        lookahead.fetch_max(now - yielded.load(Ordering::SeqCst), Ordering::SeqCst);
+        tracker.track(index)
+    });
+
+    let (calls, all, outputs, over, late) = (
+        probe.calls.clone(),
+        probes.budget_calls.clone(),
+        probes.tracker.clone(),
+        probe.over.clone(),
+        probe.started_after_over.clone(),
+    );
+    let failure = map.failure;
+    let enter = move |item: &Tracked| -> (Running, Running) {
+        if over.load(Ordering::SeqCst) {
+            late.fetch_add(1, Ordering::SeqCst);
+        }
+        (calls.enter(item.value), all.enter(item.value))
+    };
+    let finish = move |item: Tracked| -> Result<Tracked, TestError> {
+        match failure {
+            Some((index, FailKind::Panic)) if index == item.value => panic!("item {index} panics"),
+            Some((index, FailKind::Err)) if index == item.value => Err(TestError::Mine(index)),
+            _ => Ok(outputs.track(item.value * 2 + 1)),
+        }
+    };
+    let for_units = map.clone();
+    let units = move |index: usize| for_units.units(index);
+    let (real, deadline) = (case.real, case.deadline.duration(case.real));
+
+    macro_rules! configure {
+        ($stream:expr) => {{
+            let mut stream = $stream.semaphore(budget.clone());
+            if let Some(window) = map.window {
+                stream = stream.window(window);
+            }
+            if let Some(deadline) = deadline {
+                stream = stream.timeout(deadline);
+            }
+            stream.cancel_token(token.clone())
+        }};
+    }
+    macro_rules! batched {
+        ($stream:expr) => {
+            configure!($stream.batch(map.batch))
+        };
+    }
+
+    let results = if map.blocking {
+        let mapper = move |item: Tracked| {
+            let _running = enter(&item);
+            let spin = Duration::from_micros(units(item.value));
+            let start = std::time::Instant::now();
+            while start.elapsed() < spin && !par_imap::is_cancelled() {
+                std::thread::sleep(Duration::from_micros(20).min(spin));
+            }
+            finish(item)
+        };
+        let plain = {
+            let mapper = mapper.clone();
+            move |item: Tracked| mapper(item).map_err(|_| unreachable!("plain maps only panic"))
+        };
+        match (map.ordered, map.fallible) {
+            (true, true) => batched!(input.try_par_imap(map.limit, mapper))
+                .map(seen)
+                .boxed(),
+            (false, true) => batched!(input.try_par_imap_unordered(map.limit, mapper))
+                .map(seen)
+                .boxed(),
+            (true, false) => batched!(input.par_imap(map.limit, plain))
+                .map(seen_plain)
+                .boxed(),
+            (false, false) => batched!(input.par_imap_unordered(map.limit, plain))
+                .map(seen_plain)
+                .boxed(),
+        }
+    } else {
+        let mapper = move |item: Tracked| {
+            let running = enter(&item);
+            let units = units(item.value);
+            let wait = if real {
+                Duration::from_micros(units)
+            } else {
+                Duration::from_millis(units)
+            };
+            let finish = finish.clone();
+            async move {
+                let _running = running;
+                tokio::time::sleep(wait).await;
+                finish(item)
+            }
+        };
+        let plain = {
+            let mapper = mapper.clone();
+            move |item: Tracked| {
+                let call = mapper(item);
+                async move { call.await.map_err(|_| ()) }
+            }
+        };
+        match (map.ordered, map.fallible) {
+            (true, true) => configure!(input.try_par_imap_async(map.limit, mapper))
+                .map(seen)
+                .boxed(),
+            (false, true) => configure!(input.try_par_imap_async_unordered(map.limit, mapper))
+                .map(seen)
+                .boxed(),
+            (true, false) => configure!(input.par_imap_async(map.limit, plain))
+                .map(seen_plain)
+                .boxed(),
+            (false, false) => configure!(input.par_imap_async_unordered(map.limit, plain))
+                .map(seen_plain)
+                .boxed(),
+        }
+    };
+    logged(results, probe.clone())
+}
+
+/// Records what a map yields, and its end, as the consumer takes them.
+fn logged(mut results: BoxStream<'static, Seen>, probe: Probe) -> BoxStream<'static, Seen> {
+    stream::poll_fn(move |cx| {
+        let next = results.poll_next_unpin(cx);
+        match &next {
+            std::task::Poll::Ready(Some(seen)) => {
+                probe.yielded.fetch_add(1, Ordering::SeqCst);
+                if matches!(seen, Seen::Failed { .. }) {
+                    probe.over.store(true, Ordering::SeqCst);
+                }
+                probe.log.lock().unwrap().push(seen.clone());
+            }
+            std::task::Poll::Ready(None) => {
+                probe.over.store(true, Ordering::SeqCst);
+                probe.ended.store(true, Ordering::SeqCst);
+            }
+            std::task::Poll::Pending => {}
+        }
+        next
+    })
+    .boxed()
+}
+
+/// What went wrong while consuming, if anything.
+type Outcome = Result<(), String>;
+
+/// Runs the consumer of `case` over its maps, bounded everywhere.
+async fn consume(case: &Case, probes: &Probes, budget: &Arc<Semaphore>) -> Outcome {
+    let tokens: Vec<CancellationToken> =
+        case.maps.iter().map(|_| CancellationToken::new()).collect();
+    let mut maps: Vec<Option<BoxStream<'static, Seen>>> = (0..case.maps.len())
+        .map(|m| Some(build(case, m, probes, budget, &tokens[m])))
+        .collect();
+    let mut taken = 0_usize;
+    // Before each item: fire the token or stop, as the case says.
+    let before = |taken: usize| -> bool {
+        if let Some((map, after)) = case.cancel
+            && after == taken
+        {
+            tokens[map].cancel();
+        }
+        case.drop_after != Some(taken)
+    };
+    let hung = |what: &str, taken: usize| Err(format!("hung: {what} after {taken} items"));
+
+    if case.consumer == Consumer::Zip || case.consumer == Consumer::Select {
+        let (a, b) = (maps[0].take().unwrap(), maps[1].take().unwrap());
+        let mut both: BoxStream<'static, Vec<Seen>> = if case.consumer == Consumer::Zip {
+            a.zip(b).map(|(a, b)| vec![a, b]).boxed()
+        } else {
+            stream::select(a, b).map(|one| vec![one]).boxed()
+        };
+        loop {
+            if !before(taken) {
+                return Ok(());
+            }
+            match tokio::time::timeout(BOUND, both.next()).await {
+                Err(_) => return hung("zip/select", taken),
+                Ok(None) => break,
+                Ok(Some(items)) => taken += items.len(),
+            }
+        }
+        drop(both);
+    }
+    // Alternate over the maps left, until each has ended.
+    let permit_between = case.consumer == Consumer::PermitBetween;
+    while maps.iter().any(Option::is_some) {
+        for (slot, map) in maps.iter_mut().enumerate() {
+            let Some(map) = map.as_mut() else {
+                continue;
+            };
+            if probes.maps[slot].ended.load(Ordering::SeqCst) {
+                continue;
+            }
+            if !before(taken) {
+                return Ok(());
+            }
+            match tokio::time::timeout(BOUND, map.next()).await {
+                Err(_) => return hung(&format!("map {slot}"), taken),
+                Ok(None) => {}
+                Ok(Some(_)) => {
+                    taken += 1;
+                    if permit_between {
+                        match tokio::time::timeout(BOUND, budget.acquire()).await {
+                            Err(_) => return hung("the consumer's permit", taken),
+                            Ok(permit) => drop(permit),
+                        }
+                    }
+                }
+            }
+        }
+        if maps
+            .iter()
+            .enumerate()
+            .all(|(slot, map)| map.is_none() || probes.maps[slot].ended.load(Ordering::SeqCst))
+        {
+            // Every map left has ended and is still alive: none may hold a
+            // permit (a timed-out blocking call may, until it returns).
+            let all = u32::try_from(case.permits).unwrap();
+            if tokio::time::timeout(BOUND, budget.acquire_many(all))
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "ended maps keep the budget: {} of {} available",
+                    budget.available_permits(),
+                    case.permits
+                ));
+            }
+            break;
+        }
+    }
+    drop(maps);
+    Ok(())
+}
+
+/// Checks every invariant of one map, after the case ran.
+fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> {
+    let map = &case.maps[m];
+    let out = probe.log.lock().unwrap().clone();
+    let expected = |index: usize| index * 2 + 1;
+    let cancelled_here = case.cancel.is_some_and(|(target, _)| target == m);
+    let errors: Vec<&Seen> = out
+        .iter()
+        .filter(|seen| matches!(seen, Seen::Failed { .. }))
+        .collect();
+    prop_assert!(errors.len() <= 1, "map {m}: more than one error: {out:?}");
+    if let Some(error) = errors.first() {
+        prop_assert_eq!(Some(*error), out.last(), "map {}: an error ends it", m);
+    }
+    // The lowest index never yielded, when the error came.
+    let yielded: HashSet<usize> = out
+        .iter()
+        .filter_map(|seen| match seen {
+            Seen::Value(value) => Some(value / 2),
+            Seen::Failed { .. } => None,
+        })
+        .collect();
+    let lowest_unyielded = (0..).find(|index| !yielded.contains(index)).unwrap();
+    let allowed = |index: usize, kind: &str| -> bool {
+        let failure = map.failure.is_some_and(|(at, fail)| {
+            at == index
+                && kind
+                    == if fail == FailKind::Err {
+                        "err"
+                    } else {
+                        "panic"
+                    }
+        });
+        let timeout =
+            kind == "timeout" && (map.outlier == Some(index) || case.deadline == Deadline::Zero);
+        // Cancellation names the lowest index never yielded, in both orders.
+        let cancelled = cancelled_here && kind == "cancelled" && index == lowest_unyielded;
+        failure || timeout || cancelled
+    };
+    for seen in &out {
+        if let Seen::Failed { index, kind } = seen {
+            prop_assert!(
+                allowed(*index, kind),
+                "map {m}: unexpected error {seen:?}, lowest unyielded {lowest_unyielded}: {out:?}"
+            );
+        }
+    }
+    let ran_to_end = probe.ended.load(Ordering::SeqCst) && !cancelled_here;
+    if map.ordered {
+        for (position, seen) in out.iter().enumerate() {
+            match seen {
+                Seen::Value(value) => {
+                    prop_assert_eq!(*value, expected(position), "map {}: input order", m)
+                }
+                Seen::Failed { index, .. } => {
+                    prop_assert_eq!(*index, position, "map {}: the error's index", m)
+                }
+            }
+        }
+        if ran_to_end {
+            match (map.failing_index(), case.deadline) {
+                (_, Deadline::Zero) => {
+                    if errors.is_empty() {
+                        prop_assert_eq!(out.len(), map.len, "map {}: every item", m);
+                    }
+                }
+                (Some(first), _) => prop_assert_eq!(
+                    out.len(),
+                    first + 1,
+                    "map {}: items 0..k, then k's failure: {:?}",
+                    m,
+                    out
+                ),
+                (None, _) => prop_assert_eq!(out.len(), map.len, "map {}: every item", m),
+            }
+        }
+    } else {
+        prop_assert_eq!(
+            yielded.len(),
+            out.len() - errors.len(),
+            "map {}: a duplicate: {:?}",
+            m,
+            out
+        );
+        prop_assert!(
+            yielded.iter().all(|&index| index < map.len),
+            "map {m}: foreign item"
+        );
+        if ran_to_end {
+            if map.failing_index().is_some() {
+                prop_assert_eq!(errors.len(), 1, "map {}: the failure comes out", m);
+            } else if case.deadline != Deadline::Zero || errors.is_empty() {
+                prop_assert_eq!(yielded.len(), map.len, "map {}: every item", m);
+            }
+        }
+    }
+    prop_assert!(
+        probe.calls.peak() <= map.limit,
+        "map {m}: peak {} > limit {}",
+        probe.calls.peak(),
+        map.limit
+    );
+    prop_assert!(
+        probe.lookahead.load(Ordering::SeqCst) <= map.window(),
+        "map {m}: lookahead {} > window {}",
+        probe.lookahead.load(Ordering::SeqCst),
+        map.window()
+    );
+    // A worker may be between taking a queued call and entering the mapper
+    // when the map ends, and on a multi-thread runtime a task may be
+    // entering its mapper as it is aborted: at most one per slot.
+    let late = probe.started_after_over.load(Ordering::SeqCst);
+    if case.real {
+        prop_assert!(
+            late <= map.limit,
+            "map {m}: {late} calls started after the end"
+        );
+    } else {
+        prop_assert_eq!(late, 0, "map {}: a call started after the end", m);
+    }
+    Ok(())
+}
+
+fn check(case: &Case, probes: &Probes, budget: &Semaphore) -> Result<(), TestCaseError> {
+    for m in 0..case.maps.len() {
+        check_map(case, m, &probes.maps[m])?;
+    }
+    prop_assert!(
+        probes.budget_calls.peak() <= case.permits,
+        "{} calls ran at once on a budget of {}",
+        probes.budget_calls.peak(),
+        case.permits
+    );
+    prop_assert_eq!(
+        budget.available_permits(),
+        case.permits,
+        "the budget came back whole"
+    );
+    prop_assert_eq!(probes.tracker.alive(), 0, "values never dropped");
+    Ok(())
+}
+
+fn probes(case: &Case) -> Probes {
+    Probes {
+        maps: case.maps.iter().map(|_| Probe::default()).collect(),
+        ..Probes::default()
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("PAR_IMAP_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(256)
+}
+
+/// Runs `case` on the runtime its maps need, then checks it.
+fn run(case: &Case) -> Result<(), TestCaseError> {
+    let probes = probes(case);
+    let budget = Arc::new(Semaphore::new(case.permits));
+    if case.real {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(consume(case, &probes, &budget));
+        prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+        // Blocking calls still running end on their own, then drop their
+        // output and give their permit back.
+        let deadline = std::time::Instant::now() + BOUND;
+        while (probes.tracker.alive() > 0
+            || budget.available_permits() < case.permits
+            || probes.budget_calls.running() > 0)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(runtime);
+    } else {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let outcome = runtime.block_on(consume(case, &probes, &budget));
+        prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+        // Aborted tasks are dropped by the runtime: let it run once more.
+        runtime.block_on(tokio::task::yield_now());
+        drop(runtime);
+    }
+    check(case, &probes, &budget)
+}
+
+/// Takes `first` items of one map on a runtime, shuts that runtime down,
+/// then drains the map from another: no panic, no hang, and an end by a
+/// cancellation at the lowest index never yielded, if not by its own end.
+fn run_shutdown(case: &Case, first: usize) -> Result<(), TestCaseError> {
+    let probes = probes(case);
+    let budget = Arc::new(Semaphore::new(case.permits));
+    let token = CancellationToken::new();
+    let mut map = build(case, 0, &probes, &budget, &token);
+    let before = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let taken = before.block_on(async {
+        for _ in 0..first {
+            match tokio::time::timeout(BOUND, map.next()).await {
+                Err(_) => return Err("hung before the shutdown".to_string()),
+                Ok(None) => break,
+                Ok(Some(_)) => {}
+            }
+        }
+        Ok(())
+    });
+    prop_assert!(taken.is_ok(), "{}", taken.unwrap_err());
+    before.shutdown_background();
+    let after = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let drained = after.block_on(async {
+        tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(BOUND, map.next()).await {
+                    Err(_) => return Err("hung after the shutdown".to_string()),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(_)) => {}
+                }
+            }
+        })
+        .await
+    });
+    match drained {
+        Err(panic) => prop_assert!(false, "polled from another runtime: {panic}"),
+        Ok(outcome) => prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err()),
+    }
+    let deadline = std::time::Instant::now() + BOUND;
+    while (probes.tracker.alive() > 0 || budget.available_permits() < case.permits)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(after);
+    check(case, &probes, &budget)
+}
+
+/// One map of a real-runtime case, a runtime shutdown after `0..30` items.
+fn shutdown_case() -> impl Strategy<Value = (Case, usize)> {
+    (case(true), 0..30_usize).prop_map(|(mut case, first)| {
+        case.maps.truncate(1);
+        case.real = true;
+        case.drop_after = None;
+        // A shutdown may end the map with a cancellation, as a token would.
+        case.cancel = Some((0, usize::MAX));
+        (case, first)
+    })
+}
+
+proptest! {
+    // A hang costs `BOUND` of real time in blocking cases: cap the shrinking.
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        failure_persistence: None,
+        max_shrink_time: 120_000,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn async_maps_on_one_budget_compose(case in case(false)) {
+        run(&case)?;
+    }
+
+    #[test]
+    fn blocking_and_async_maps_on_one_budget_compose(case in case(true)) {
+        run(&case)?;
+    }
+
+    #[test]
+    fn a_map_polled_again_after_its_runtime_shut_down_ends(
+        (case, first) in shutdown_case()
+    ) {
+        run_shutdown(&case, first)?;
+    }
+}
