@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::Batch;
-use crate::call::{Call, Current};
+use crate::call::{Call, Current, Progress};
 use crate::spawn::{IsFailure, Spawn};
 use crate::trace;
 use crate::workers::{Job, Workers};
@@ -165,6 +165,14 @@ where
             }
             result
         };
+        // With deadlines the result goes to the progress, which turns it
+        // into a timeout if the item ran past its deadline.
+        let settle =
+            |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
+                if progress.end(index, result) {
+                    call.failed_at(index);
+                }
+            };
         let mut mapped = 0;
         let results = match items {
             Batch::One(item) => {
@@ -172,7 +180,7 @@ where
                 drop(current);
                 return match call.progress() {
                     Some(progress) => {
-                        progress.end(first, result);
+                        settle(first, result, progress);
                         call.finish(Vec::new(), 1)
                     }
                     None => call.finish_one(result),
@@ -199,9 +207,7 @@ where
                     let result = map_one(index, item);
                     mapped += 1;
                     match call.progress() {
-                        Some(progress) => {
-                            progress.end(index, result);
-                        }
+                        Some(progress) => settle(index, result, progress),
                         None => results.push(result),
                     }
                     index += 1;

@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     ended: CancellationToken,
     /// The shared budget: each call holds one permit while it runs.
     budget: Option<Arc<Semaphore>>,
+    /// The per-item deadline; an async call keeps its own.
+    timeout: Option<Duration>,
     counters: Arc<Counters>,
 }
 
@@ -51,6 +53,7 @@ impl Shared {
         keep_going: bool,
         token: Option<CancellationToken>,
         budget: Option<Arc<Semaphore>>,
+        timeout: Option<Duration>,
         counters: Arc<Counters>,
     ) -> Arc<Self> {
         Arc::new(Shared {
@@ -60,6 +63,7 @@ impl Shared {
             token,
             ended: CancellationToken::new(),
             budget,
+            timeout,
             counters,
         })
     }
@@ -104,6 +108,10 @@ impl Shared {
         self.budget.as_ref()
     }
 
+    pub(crate) fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     pub(crate) fn ended(&self) -> &CancellationToken {
         &self.ended
     }
@@ -140,6 +148,7 @@ pub(crate) enum Event<T, U> {
 #[derive(Debug)]
 pub(crate) struct Progress<U> {
     state: Mutex<ProgressState<U>>,
+    timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -171,7 +180,7 @@ pub(crate) enum Expiry<U> {
 }
 
 impl<U> Progress<U> {
-    pub(crate) fn new(first: usize) -> Arc<Self> {
+    pub(crate) fn new(first: usize, timeout: Duration) -> Arc<Self> {
         Arc::new(Progress {
             state: Mutex::new(ProgressState {
                 running: None,
@@ -179,7 +188,18 @@ impl<U> Progress<U> {
                 results: Vec::new(),
                 given_up: None,
             }),
+            timeout,
         })
+    }
+
+    /// Whether item `index` runs now and is past its deadline.
+    fn overran(&self, state: &ProgressState<U>, index: usize) -> bool {
+        match state.running {
+            Some((running, started)) if running == index => started
+                .checked_add(self.timeout)
+                .is_some_and(|deadline| deadline <= Instant::now()),
+            _ => false,
+        }
     }
 
     /// Never held around user code, so never poisoned by a mapper's panic;
@@ -193,33 +213,44 @@ impl<U> Progress<U> {
         self.lock().running = Some((index, Instant::now()));
     }
 
-    /// Item `index` ended with `result`: kept for the engine, unless the
-    /// engine gave up on it. Returns whether it was given up.
+    /// Item `index` ended with `result`: kept for the engine, as a timeout
+    /// if it ran past its deadline (the engine had not seen it yet), or
+    /// dropped if the engine gave up on it already. Returns whether it is
+    /// a timeout the engine has yet to hear of.
     pub(crate) fn end(&self, index: usize, result: Result<U, Error>) -> bool {
         let mut state = self.lock();
+        let overran = self.overran(&state, index);
         state.running = None;
-        if state.given_up == Some(index) {
-            drop(state);
-            // Outside the lock: the result's `Drop` is user code.
-            drop(result);
-            return true;
-        }
-        state.results.push(result);
-        false
+        let dropped = if state.given_up == Some(index) {
+            Some(result)
+        } else if overran {
+            state.results.push(Err(Error::timeout(index)));
+            Some(result)
+        } else {
+            state.results.push(result);
+            None
+        };
+        drop(state);
+        // Outside the lock: the result's `Drop` is user code.
+        drop(dropped);
+        overran
     }
 
     /// When the item running now reaches its deadline (`None` if no item
     /// runs, or the one running was given up already).
-    pub(crate) fn deadline(&self, timeout: Duration) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         let state = self.lock();
         match state.running {
-            Some((index, started)) if state.given_up != Some(index) => started.checked_add(timeout),
+            Some((index, started)) if state.given_up != Some(index) => {
+                started.checked_add(self.timeout)
+            }
             _ => None,
         }
     }
 
     /// The engine's deadline for this call came at `now`.
-    pub(crate) fn expire(&self, now: Instant, timeout: Duration) -> Expiry<U> {
+    pub(crate) fn expire(&self, now: Instant) -> Expiry<U> {
+        let timeout = self.timeout;
         let mut state = self.lock();
         let Some((index, started)) = state.running else {
             return Expiry::Idle;
@@ -427,8 +458,11 @@ pub(crate) trait GiveUp: Send + Sync {
 }
 
 impl<U: Send> GiveUp for Progress<U> {
+    /// Given up by the engine, or past its deadline already: the worker
+    /// sees its own deadline even while nobody polls the map.
     fn is_given_up(&self, index: usize) -> bool {
-        self.lock().given_up == Some(index)
+        let state = self.lock();
+        state.given_up == Some(index) || self.overran(&state, index)
     }
 }
 

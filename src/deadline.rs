@@ -82,7 +82,7 @@ impl Deadlines {
         };
         if at > Instant::now() {
             let timer = self.timer.get_or_insert_with(|| Timer::new(at));
-            if timer.sleep.deadline() != at {
+            if timer.sleep.deadline() != at || timer.sleep.is_elapsed() {
                 timer.sleep.as_mut().reset(at);
             }
             if timer.sleep.as_mut().poll(cx).is_pending() {
@@ -93,6 +93,21 @@ impl Deadlines {
         }
         self.pending.pop_first();
         Due::Call(at, call)
+    }
+
+    /// Sets the timer for the earliest deadline, or wakes the task at once
+    /// if it is due already.
+    pub(crate) fn arm(&mut self, cx: &mut Context<'_>) {
+        let Some(&(at, _)) = self.pending.first() else {
+            return;
+        };
+        let timer = self.timer.get_or_insert_with(|| Timer::new(at));
+        if timer.sleep.deadline() != at || timer.sleep.is_elapsed() {
+            timer.sleep.as_mut().reset(at);
+        }
+        if timer.sleep.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
     }
 
     pub(crate) fn clear(&mut self) {

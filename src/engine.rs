@@ -31,6 +31,10 @@ use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
 use crate::trace;
 
+/// How soon to look again at a call with deadlines that ran no item when
+/// its deadline came (between two items, or its report on its way).
+const IDLE_RECHECK: Duration = Duration::from_millis(1);
+
 /// What the builder methods set.
 #[derive(Debug)]
 pub(crate) struct Options {
@@ -152,6 +156,7 @@ impl<T, U> Engine<T, U> {
                 options.keep_going,
                 options.token.clone(),
                 options.budget.clone(),
+                options.timeout,
                 Arc::clone(counters),
             )
         })
@@ -433,16 +438,16 @@ impl<T, U> Engine<T, U> {
     /// Sets the deadline of `call` from the item it runs now, or no
     /// earlier than `at_least` when it runs none.
     fn arm(&mut self, call: usize, at_least: Option<Instant>) {
-        let Some(timeout) = self.options.timeout else {
+        if self.options.timeout.is_none() {
             return;
-        };
+        }
         let Some((running, _)) = self.calls.running(call) else {
             return;
         };
         let deadline = running
             .progress
             .as_ref()
-            .and_then(|progress| progress.deadline(timeout))
+            .and_then(|progress| progress.deadline())
             .or(at_least);
         if let Some(old) = running.deadline.take() {
             self.deadlines.remove(old, call);
@@ -466,15 +471,21 @@ impl<T, U> Engine<T, U> {
         let Some(timeout) = self.options.timeout else {
             return;
         };
+        // The deadlines due now, each looked at once in this poll: what they
+        // re-arm waits for the next one (a call between two items, or whose
+        // report is on its way, must not keep this loop turning).
+        let mut due = Vec::new();
         loop {
-            let (at, call) = match self.deadlines.poll_due(cx) {
-                Due::Call(at, call) => (at, call),
-                Due::Nothing => return,
+            match self.deadlines.poll_due(cx) {
+                Due::Call(at, call) => due.push((at, call)),
+                Due::Nothing => break,
                 Due::RuntimeGone => {
                     self.cancelled_under = true;
                     return;
                 }
-            };
+            }
+        }
+        for (at, call) in due {
             let Some((running, _)) = self.calls.running(call) else {
                 continue;
             };
@@ -484,10 +495,12 @@ impl<T, U> Engine<T, U> {
             let Some(progress) = running.progress.clone() else {
                 continue;
             };
-            let now = Instant::now();
-            match progress.expire(now, timeout) {
+            // The timer may fire within its millisecond before `at`.
+            let now = Instant::now().max(at);
+            match progress.expire(now) {
                 Expiry::Later(deadline) => self.arm(call, Some(deadline)),
-                Expiry::Idle => self.arm(call, now.checked_add(timeout)),
+                // No item runs right now: look again a little later.
+                Expiry::Idle => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
                 Expiry::TimedOut {
                     first,
                     mut earlier,
@@ -495,6 +508,7 @@ impl<T, U> Engine<T, U> {
                 } => self.time_out(call, first, &mut earlier, index, now, timeout),
             }
         }
+        self.deadlines.arm(cx);
     }
 
     /// Item `index` of `call` timed out: the call's results before it are
@@ -514,7 +528,7 @@ impl<T, U> Engine<T, U> {
         earlier.push(timed_out);
         let results = Batch::Many(std::mem::take(earlier));
         match self.calls.complete_part(call, first, results) {
-            Some(Part::GoesOn) => self.arm(call, now.checked_add(timeout)),
+            Some(Part::GoesOn) => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
             // An async call is aborted here; a blocking one runs on, its
             // result dropped when it returns.
             Some(Part::Ended(running)) => self.disarm(call, Some(running)),
@@ -590,7 +604,13 @@ impl<T, U> Engine<T, U> {
         items: Batch<T>,
         is_failure: IsFailure<U>,
     ) -> Running<U> {
-        let progress = self.options.timeout.map(|_| Progress::new(first));
+        // Blocking calls share their progress for the engine to time out an
+        // item that hangs; an async call keeps its own deadline.
+        let progress = self
+            .options
+            .timeout
+            .filter(|_| R::BATCHES)
+            .map(|timeout| Progress::new(first, timeout));
         // Adaptive batches (no timeout: its progress reports item by item)
         // give back what they have not mapped when they run far too long.
         let give_back_after =

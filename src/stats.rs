@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::Duration;
 
 /// The counters themselves: relaxed atomics, bumped once per call or per
@@ -39,7 +40,9 @@ impl Counters {
         }
         // A call that mapped nothing (it stopped before its first item)
         // still ends the one start it counted.
-        self.completed.fetch_add(items.max(1), Relaxed);
+        // Release: a reader that sees this completion also sees the starts
+        // counted before it, so `completed <= started` in every snapshot.
+        self.completed.fetch_add(items.max(1), Release);
     }
 
     pub(crate) fn failed(&self) {
@@ -101,10 +104,26 @@ impl Stats {
     /// ```
     pub fn snapshot(&self) -> Snapshot {
         let counters = &self.counters;
-        // `in_flight` comes from the same two reads as `started` and
-        // `completed`, so it is 0 whenever they are equal.
-        let completed = counters.completed.load(Relaxed);
-        let started = counters.started.load(Relaxed).max(completed);
+        // `started` and `completed` as they were at one instant: `started`
+        // read on both sides of `completed` and unchanged between, so that
+        // `in_flight`, computed from these same reads, counts the calls
+        // running at that instant (0 whenever the two are equal). Acquire
+        // pairs with the Release of a completion. Under a storm of starts
+        // the last reads are taken as they are, `in_flight` then possibly
+        // a little high.
+        let (started, completed) = {
+            let mut reads = (0, 0);
+            for _ in 0..64 {
+                let before = counters.started.load(Acquire);
+                let completed = counters.completed.load(Acquire);
+                let after = counters.started.load(Acquire);
+                reads = (after.max(completed), completed);
+                if before == after {
+                    break;
+                }
+            }
+            reads
+        };
         Snapshot {
             in_flight: started - completed,
             pulled: counters.pulled.load(Relaxed),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 use tokio::runtime::Handle;
+use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
@@ -74,14 +75,23 @@ where
             // The mapper is called inside the task, so an aborted task that
             // never ran never calls it.
             let mapper = &mapper;
-            let map_one = |index: usize, item: T| {
+            let timeout = call.shared().timeout();
+            let map_one = |index: usize, item: T| async move {
                 // The mapper is called inside `catch_unwind` too: a panic
                 // while making the future is an error of its item as well.
-                let future = AssertUnwindSafe(async move { mapper(item).await }).catch_unwind();
-                future.map(move |result| {
-                    let result = result.map_err(|payload| Error::panic(index, payload));
-                    (is_failure(&result), result)
-                })
+                let mapped = AssertUnwindSafe(async move { mapper(item).await }).catch_unwind();
+                // The call keeps its own deadline, so it ends (and gives its
+                // permit back) at its deadline even while nobody polls the
+                // map. A deadline past the clock's range is none.
+                let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
+                let result = match deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, mapped).await {
+                        Ok(result) => result.map_err(|payload| Error::panic(index, payload)),
+                        Err(_elapsed) => Err(Error::timeout(index)),
+                    },
+                    None => mapped.await.map_err(|payload| Error::panic(index, payload)),
+                };
+                (is_failure(&result), result)
             };
             match items {
                 Batch::One(item) => {
