@@ -5,6 +5,15 @@ mod common;
 
 use std::process::Command;
 
+/// The features this test was built with: the example is built with the
+/// same, so both share every artifact.
+const FEATURES: &[&str] = &[
+    #[cfg(feature = "tracing")]
+    "tracing",
+    #[cfg(feature = "process")]
+    "process",
+];
+
 fn fixture() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -30,7 +39,7 @@ fn fixture() -> tempfile::TempDir {
 #[test]
 fn hash_example_output_is_byte_identical_to_sha256sum() {
     let dir = fixture();
-    let ours = Command::new(common::example_binary("hash"))
+    let ours = Command::new(common::example_binary("hash", FEATURES))
         .arg(dir.path())
         .output()
         .unwrap();
@@ -59,14 +68,14 @@ fn hash_example_reports_an_unreadable_file_and_goes_on() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, b"no").unwrap();
     std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o000)).unwrap();
-    let mut hash = Command::new(common::example_binary("hash"));
+    let mut hash = Command::new(common::example_binary("hash", FEATURES));
     if std::fs::read(&secret).is_ok() {
         // Root reads anything: run the example as `nobody` instead, which
         // may read the fixture but not the secret.
         std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
         hash = Command::new("setpriv");
         hash.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(common::example_binary("hash"));
+            .arg(common::example_binary("hash", FEATURES));
     }
     let ours = hash.arg(dir.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&ours.stderr);

@@ -160,7 +160,7 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
     let log = |name: &str| dir.path().join(format!("{name}.log"));
     let start_worker = |name: &str| {
         KillOnDrop(
-            Command::new(common::example_binary("redis_worker"))
+            Command::new(common::example_binary("redis_worker", &[]))
                 .arg(name)
                 .env("REDIS_URL", &url)
                 .env("JOB_ROUNDS", "20")
