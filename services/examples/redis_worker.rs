@@ -2,7 +2,7 @@
 //! one machine is not enough, run several of these, on as many machines.
 //!
 //! ```text
-//! cargo run --release --example redis_worker -- <consumer-name>
+//! cargo run --release -p par-imap-services --example redis_worker -- <consumer-name>
 //! ```
 //!
 //! It joins group `workers` on stream `jobs`, reads jobs in batches

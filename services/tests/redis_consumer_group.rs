@@ -7,6 +7,7 @@
 //! Needs Debian's `redis-server`: `.ci/run` installs it. Elsewhere, without
 //! it, the test says it was skipped; under `CI` it fails instead.
 #![cfg(unix)]
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{HashMap, HashSet};
