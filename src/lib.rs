@@ -88,6 +88,7 @@ mod error;
 mod ext;
 mod init;
 pub mod kind;
+#[cfg(feature = "process")]
 pub mod process;
 mod spawn;
 mod stats;

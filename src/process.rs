@@ -1,6 +1,10 @@
 //! Mapper work in a child process, for work that can crash the process:
 //! native code, untrusted input, external tools.
 //!
+//! Needs the cargo feature `process` (off by default; it turns on tokio's
+//! `process` and `io-util`): `par-imap = { version = "0.1", features =
+//! ["process"] }`.
+//!
 //! Threads cannot be killed one by one; processes can. Run each call as a
 //! child with [`output`] inside
 //! [`try_par_imap_async`](crate::ParImapExt::try_par_imap_async), and a
