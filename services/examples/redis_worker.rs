@@ -19,7 +19,8 @@
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`), `JOB_ROUNDS`
 //! (default 2000), `CLAIM_IDLE_MS` (default 5000), `BATCH` (default 64).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
@@ -144,6 +145,53 @@ impl Reader {
     }
 }
 
+/// The jobs pulled by the map and not yet answered, in read order. The map
+/// yields in input order, so each result, or a failure (which carries only
+/// its index), is the job at the front. The map's window bounds its length.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<VecDeque<(String, u64)>>>);
+
+impl InFlight {
+    fn push(&self, job: &Job) {
+        let mut jobs = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        jobs.push_back((job.id.clone(), job.seq));
+    }
+
+    /// The id and read sequence number of the job whose result came next.
+    fn pop(&self) -> (String, u64) {
+        let mut jobs = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        jobs.pop_front().expect("a result for a job that was read")
+    }
+}
+
+/// Queues the job's result (its digest, or why it failed), then its ack:
+/// a crash in between means the job is redone, never lost.
+fn record(
+    pipe: &mut redis::Pipeline,
+    consumer: &str,
+    (id, seq): (String, u64),
+    outcome: Result<String, String>,
+) {
+    let (field, value) = match outcome {
+        Ok(digest) => ("digest", digest),
+        Err(error) => ("error", error),
+    };
+    let fields = HashMap::from([
+        ("job", id.clone()),
+        ("worker", consumer.to_owned()),
+        ("seq", seq.to_string()),
+        (field, value),
+    ]);
+    pipe.xadd_map(RESULTS, "*", fields).ignore();
+    pipe.xack(JOBS, GROUP, &[&id]).ignore();
+}
+
 async fn on_shutdown_signal(cancel: CancellationToken) {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
@@ -194,14 +242,14 @@ async fn main() -> anyhow::Result<()> {
         seq: 0,
         cancel: cancel.clone(),
     };
+    let in_flight = InFlight::default();
+    let pulled = in_flight.clone();
     let jobs = stream::unfold(reader, Reader::next)
         .flat_map(stream::iter)
+        .inspect(move |job| pulled.push(job))
         .boxed();
     let results = jobs
-        .par_imap(limit, move |job: Job| {
-            let digest = digest(&job.payload, rounds);
-            (job.id, job.seq, digest)
-        })
+        .par_imap(limit, move |job: Job| digest(&job.payload, rounds))
         .cancel_token(cancel.clone());
 
     // Results ready together go out in one round trip, still in order.
@@ -212,20 +260,13 @@ async fn main() -> anyhow::Result<()> {
         let mut stop = false;
         for result in batch {
             match result {
-                Ok((id, seq, digest)) => {
-                    // Result first, then the ack: a crash in between means
-                    // the job is redone, never lost.
-                    let fields = HashMap::from([
-                        ("job", id.clone()),
-                        ("worker", consumer.clone()),
-                        ("seq", seq.to_string()),
-                        ("digest", digest),
-                    ]);
-                    pipe.xadd_map(RESULTS, "*", fields).ignore();
-                    pipe.xack(JOBS, GROUP, &[&id]).ignore();
+                Ok(digest) => {
+                    record(&mut pipe, &consumer, in_flight.pop(), Ok(digest));
                     done += 1;
                 }
+                // A cancellation may name a job never read: nothing to pop.
                 Err(error) if error.is_cancelled() => stop = true,
+                // A failed job (a panic in the mapper) ends the map, fail-fast.
                 Err(error) => return Err(error.into()),
             }
         }
