@@ -42,7 +42,7 @@ async fn exceptions() {
     while let Some(output) = outputs.next().await {
         match output {
             Ok(n) => println!("output {n}"),
-            Err(error) => println!("error: {error}"),
+            Err(error) => println!("error: {error:#}"),
         }
     }
     // Items 6 and 7 were already running beside 5; nothing started after.
@@ -76,7 +76,12 @@ async fn temp_files() -> anyhow::Result<()> {
         .try_par_imap(4, move |n| square_to_file(&root, n))
         .try_fold(0, |sum, file| async move { sum_up(sum, file) })
         .await;
-    println!("sum: {sum:?}");
+    // `{:#}`: the error and its causes on one line; `{:?}` of an
+    // `anyhow::Error` would add its backtrace under RUST_BACKTRACE=1.
+    match sum {
+        Ok(sum) => println!("sum: {sum}"),
+        Err(error) => println!("sum: error: {error:#}"),
+    }
     // Calls that were running at the failure end on their own, and their
     // files are deleted when the map drops their outputs.
     let mut left = usize::MAX;
@@ -110,7 +115,7 @@ async fn signals() {
     for output in &outputs {
         match output {
             Ok(n) => println!("output {n}"),
-            Err(error) => println!("error: {error} (is_panic: {})", error.is_panic()),
+            Err(error) => println!("error: {error:#} (is_panic: {})", error.is_panic()),
         }
     }
     println!("no hang: the stream ended after {} items\n", outputs.len());

@@ -14,7 +14,50 @@ use std::sync::Mutex;
 /// `Error` is `std::error::Error + Send + Sync + 'static`: `anyhow`,
 /// `Box<dyn Error + Send + Sync>` and `thiserror`'s `#[from]` take it as it is,
 /// and the `try_` variants of [`ParImapExt`](crate::ParImapExt) convert it into
-/// the mapper's own error type through `From<Error>`.
+/// the mapper's own error type through `From<Error>`; `std::io::Error` has
+/// that `From` too, so a closure returning [`std::io::Result`] just works.
+///
+/// # Which item failed, in your own error
+///
+/// `Error` carries its item's index; an `Err` of your own closure does not,
+/// and with `_unordered` the position in the output does not say it either.
+/// Number the items with `.enumerate()` before the map and put the index into
+/// your error:
+///
+/// ```
+/// use futures::{stream, StreamExt};
+/// use par_imap::ParImapExt;
+///
+/// #[derive(Debug)]
+/// enum ParseError {
+///     /// Your own failure, with the item it happened to.
+///     Parse { index: usize, error: std::num::ParseIntError },
+///     /// The machinery's: a panic, a timeout, a cancellation; it has its index.
+///     Map(par_imap::Error),
+/// }
+///
+/// impl From<par_imap::Error> for ParseError {
+///     fn from(error: par_imap::Error) -> Self {
+///         ParseError::Map(error)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let results: Vec<Result<u64, ParseError>> = stream::iter(["1", "x", "3"])
+///     .enumerate()
+///     .try_par_imap_unordered(2, |(index, text): (usize, &str)| {
+///         text.parse::<u64>().map_err(|error| ParseError::Parse { index, error })
+///     })
+///     .collect()
+///     .await;
+/// let failed = results.iter().find_map(|result| match result {
+///     Err(ParseError::Parse { index, .. }) => Some(*index),
+///     _ => None,
+/// });
+/// assert_eq!(failed, Some(1));
+/// # }
+/// ```
 ///
 /// # Examples
 ///
@@ -226,3 +269,49 @@ impl fmt::Debug for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// An `Error` as an [`io::Error`](std::io::Error), so that `try_` closures
+/// returning [`std::io::Result`] work as they are.
+///
+/// The kind is [`TimedOut`](std::io::ErrorKind::TimedOut) for a timeout and
+/// [`Other`](std::io::ErrorKind::Other) for a panic or a cancellation.
+/// Not `Interrupted` for a cancellation: std's own I/O loops (`read_exact`,
+/// `write_all`, `io::copy`) retry on `Interrupted`, as for `EINTR`, and a
+/// cancelled map must not be retried. The `Error` itself is kept as the
+/// inner error: `get_ref`/`into_inner` and a downcast give back its index and
+/// what happened.
+///
+/// ```
+/// use std::io;
+/// use futures::{stream, StreamExt};
+/// use par_imap::ParImapExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let lengths: Vec<io::Result<usize>> = stream::iter(["Cargo.toml", "no such file"])
+///     .try_par_imap(2, |path: &str| Ok(std::fs::read(path)?.len()))
+///     .collect()
+///     .await;
+/// assert!(lengths[0].is_ok());
+/// assert_eq!(lengths[1].as_ref().unwrap_err().kind(), io::ErrorKind::NotFound);
+///
+/// let panicked = stream::iter([0])
+///     .try_par_imap(1, |_: i32| -> io::Result<i32> { panic!("boom") })
+///     .next()
+///     .await
+///     .unwrap()
+///     .unwrap_err();
+/// let error = panicked.get_ref().and_then(|inner| inner.downcast_ref::<par_imap::Error>());
+/// assert!(error.is_some_and(|error| error.is_panic() && error.index() == 0));
+/// # }
+/// ```
+impl From<Error> for std::io::Error {
+    fn from(error: Error) -> Self {
+        let kind = if error.is_timeout() {
+            std::io::ErrorKind::TimedOut
+        } else {
+            std::io::ErrorKind::Other
+        };
+        std::io::Error::new(kind, error)
+    }
+}

@@ -31,7 +31,7 @@
 //! | async `Fn(T) -> impl Future<Output = U>` (I/O) | in input order | [`par_imap_async`](ParImapExt::par_imap_async) | `Result<U, Error>` |
 //! | async | as they finish | [`par_imap_async_unordered`](ParImapExt::par_imap_async_unordered) | `Result<U, Error>` |
 //! | any of these returning `Result<U, E>`, an `Err` to stop the map | either | `try_` + the method | `Result<U, E>`, `E: From<Error>` |
-//! | work that may crash the process | either | a `try_..._async` method with [`process::output`] | `Result<Vec<u8>, process::ProcessError>` |
+//! | work that may crash the process | either | a `try_..._async` method with `process::output` (cargo feature `process`) | `Result<Vec<u8>, process::ProcessError>` |
 //!
 //! Plain variants treat every value as a success: only a panic (or a timeout,
 //! a cancellation) fails the map. `try_` variants also fail it at the first
@@ -46,7 +46,7 @@
 //! | `Pool(processes=n)` | `limit`: at most `n` calls at once, per map; share a budget across maps with [`.semaphore(s)`](ParImap::semaphore) |
 //! | `chunksize=k` | [`.batch(k)`](ParImap::batch): never waits to fill a chunk, failures keep their exact index |
 //! | `initializer=init` | [`par_imap_init(limit, init, f)`](ParImapExt::par_imap_init): `f(&mut state, item)` |
-//! | `maxtasksperchild=n` | not needed: no process to recycle; for code that can crash, a child per call with [`process::output`] |
+//! | `maxtasksperchild=n` | not needed: no process to recycle; for code that can crash, a child per call with `process::output` (cargo feature `process`) |
 //! | `AsyncResult.get(timeout)` | [`.timeout(d)`](ParImap::timeout), per item, from the moment its call starts |
 //! | `pool.terminate()` | drop the stream, or [`.cancel_token(t)`](ParImap::cancel_token) |
 //! | results kept until read; input consumed eagerly | at most [`.window(w)`](ParImap::window) items pulled and not yet yielded |
@@ -90,6 +90,7 @@ mod engine;
 mod error;
 mod ext;
 mod init;
+#[cfg(feature = "process")]
 pub mod process;
 mod reorder;
 mod sizer;

@@ -128,6 +128,45 @@ async fn hanging_child_is_killed_at_its_timeout() {
     eventually("the hung child to be killed", || running_with(&hung) == 0);
 }
 
+/// Issue 11, point 10: a shell's own child (`sleep`, not the last command,
+/// so the shell forks it instead of exec'ing it) dies with the shell when
+/// the call times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_kills_the_childs_whole_process_group() {
+    let grandchild = marker();
+    let script = format!("sleep {grandchild}; echo never");
+    let mut results = stream::iter([0])
+        .try_par_imap_async(1, move |_: i32| process::output(shell(&script), Vec::new()))
+        .timeout(Duration::from_millis(300));
+    let error = tokio::time::timeout(Duration::from_secs(20), results.next())
+        .await
+        .expect("the timeout fires")
+        .unwrap()
+        .unwrap_err();
+    assert!(error.is_timeout(), "{error}");
+    drop(results);
+    eventually("the shell's grandchild to be killed", || {
+        running_with(&grandchild) == 0
+    });
+}
+
+/// The same through a dropped stream: a background grandchild that keeps the
+/// output pipe open dies with its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stream_kills_the_childs_whole_process_group() {
+    let grandchild = marker();
+    let script = format!("sleep {grandchild} & echo started; wait");
+    let mut results = stream::iter([0])
+        .try_par_imap_async(1, move |_: i32| process::output(shell(&script), Vec::new()));
+    let pending = tokio::time::timeout(Duration::from_millis(1), results.next()).await;
+    assert!(pending.is_err(), "the shell waits for its grandchild");
+    eventually("the grandchild to start", || running_with(&grandchild) > 0);
+    drop(results);
+    eventually("the shell's grandchild to be killed", || {
+        running_with(&grandchild) == 0
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_stream_after_three_items_leaves_no_child_running() {
     let markers: Vec<String> = (0..10).map(|_| marker()).collect();

@@ -142,20 +142,68 @@ impl Drop for Tracked {
     }
 }
 
-/// The binary of example `name`, which `cargo test` builds beside the tests.
-pub fn example_binary(name: &str) -> std::path::PathBuf {
+/// The binary of example `name` of the package under test, built now by
+/// `cargo build --example name`, in this test's own target directory and
+/// profile, with the package's default features off and `features` on.
+///
+/// So `cargo test --test X` on a fresh clone builds what it runs, a stale
+/// binary is never run, and an example that does not build fails its test
+/// with cargo's message. Cargo holds no lock on the target directory while
+/// tests run, so the nested build only waits for other builds; it reuses
+/// every artifact the test build made. Built once per test binary.
+pub fn example_binary(name: &str, features: &[&str]) -> std::path::PathBuf {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, binary)) = built.iter().find(|(built, _)| built == name) {
+        return binary.clone();
+    }
+
+    // This test runs as <target>[/<triple>]/<profile>/deps/<test>.
     let test = std::env::current_exe().expect("own path");
-    let target = test
+    let profile_dir = test
         .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile>");
-    let example = target.join("examples").join(name);
+        .and_then(Path::parent)
+        .expect("<target>/<profile>/deps/<test>");
+    let profile = match profile_dir.file_name().and_then(|name| name.to_str()) {
+        Some("debug") => "dev",
+        Some(profile) => profile,
+        None => panic!("no profile in {}", test.display()),
+    };
+    let mut target_dir = profile_dir.parent().expect("<target>");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--message-format=short", "--example", name]);
+    // Cargo marks the root of a target directory; without it here, this is
+    // <target>/<triple> of a cross build.
+    if !target_dir.join("CACHEDIR.TAG").exists() {
+        let triple = target_dir.file_name().expect("a target triple");
+        cargo.arg("--target").arg(triple);
+        target_dir = target_dir.parent().expect("<target>");
+    }
+    cargo
+        .args(["--profile", profile, "--no-default-features"])
+        .arg("--features")
+        .arg(features.join(","))
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir);
+    let build = cargo.output().expect("cargo runs");
     assert!(
-        example.exists(),
-        "{} not built: run `cargo test`",
-        example.display()
+        build.status.success(),
+        "example {name} does not build:\n{}",
+        String::from_utf8_lossy(&build.stderr)
     );
-    example
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(binary.exists(), "cargo built no {}", binary.display());
+    built.push((name.to_owned(), binary.clone()));
+    binary
 }
 
 /// Waits (bounded, real time) until `condition` holds.

@@ -7,6 +7,7 @@
 //! Needs Debian's `redis-server`: `.ci/run` installs it. Elsewhere, without
 //! it, the test says it was skipped; under `CI` it fails instead.
 #![cfg(unix)]
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -65,8 +66,9 @@ async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> O
     }
 }
 
-/// Every entry of stream `results`: (job id, worker, read sequence number).
-async fn results(redis: &mut MultiplexedConnection) -> Vec<(String, String, u64)> {
+/// Every entry of stream `results`: (job id, worker, read sequence number,
+/// whether it records a failure).
+async fn results(redis: &mut MultiplexedConnection) -> Vec<(String, String, u64, bool)> {
     let all: StreamRangeReply = redis::cmd("XRANGE")
         .arg("results")
         .arg("-")
@@ -81,6 +83,7 @@ async fn results(redis: &mut MultiplexedConnection) -> Vec<(String, String, u64)
                 entry.get::<String>("job").unwrap(),
                 entry.get::<String>("worker").unwrap(),
                 entry.get::<String>("seq").unwrap().parse().unwrap(),
+                entry.get::<String>("error").is_some(),
             )
         })
         .collect()
@@ -143,7 +146,13 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
                 .arg("jobs")
                 .arg("*")
                 .arg("payload")
-                .arg(format!("job {n}"));
+                // Every 1000th job makes the mapper panic: the worker
+                // records its failure and goes on.
+                .arg(if n % 1000 == 999 {
+                    format!("poison {n}")
+                } else {
+                    format!("job {n}")
+                });
         }
         let added: Vec<String> = pipe.query_async(&mut redis).await.unwrap();
         ids.extend(added);
@@ -160,7 +169,7 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
     let log = |name: &str| dir.path().join(format!("{name}.log"));
     let start_worker = |name: &str| {
         KillOnDrop(
-            Command::new(common::example_binary("redis_worker"))
+            Command::new(common::example_binary("redis_worker", &[]))
                 .arg(name)
                 .env("REDIS_URL", &url)
                 .env("JOB_ROUNDS", "20")
@@ -241,15 +250,30 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
     for worker in ["w1", "w2", "w3"] {
         let order: Vec<u64> = all
             .iter()
-            .filter(|(_, w, _)| w == worker)
-            .map(|(_, _, seq)| *seq)
+            .filter(|(_, w, ..)| w == worker)
+            .map(|(_, _, seq, _)| *seq)
             .collect();
         assert!(
             order.windows(2).all(|pair| pair[0] < pair[1]),
             "{worker} out of read order"
         );
     }
-    let by_survivors = all.iter().filter(|(_, w, _)| w != "w2").count();
+    // Poisoned jobs have their failure as their result; every other job a
+    // digest.
+    let poisoned: HashSet<&str> = ids
+        .iter()
+        .enumerate()
+        .filter(|(n, _)| n % 1000 == 999)
+        .map(|(_, id)| id.as_str())
+        .collect();
+    for (job, _, _, failed) in &all {
+        assert_eq!(
+            *failed,
+            poisoned.contains(job.as_str()),
+            "job {job}: a failure recorded exactly for poisoned jobs"
+        );
+    }
+    let by_survivors = all.iter().filter(|(_, w, ..)| w != "w2").count();
     assert!(
         by_survivors > 0 && all.len() - by_survivors > 0,
         "all three took part"

@@ -1,6 +1,10 @@
-//! The CPU-bound workload shared by `benches/par_imap.rs` and
-//! `examples/compare.rs`, so both measure the same thing.
-#![allow(dead_code)]
+//! par-imap against the peers a user would otherwise pick (rayon, pariter,
+//! par-stream, hand-written `buffered` pipelines): the criterion benches in
+//! `benches/` and `examples/compare.rs`. A workspace member of its own, so
+//! that these heavy dependencies are never built for par-imap itself.
+//!
+//! This library is the CPU-bound workload they share, so both measure the
+//! same thing.
 
 use std::hint::black_box;
 

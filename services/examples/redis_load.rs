@@ -2,7 +2,7 @@
 //! every job id has a result on stream `results`, and prints the throughput.
 //!
 //! ```text
-//! cargo run --release --example redis_load -- 20000
+//! cargo run --release -p par-imap-services --example redis_load -- 20000
 //! ```
 //!
 //! Start the workers first (any number, anywhere); `REDIS_URL` as for them.

@@ -2,7 +2,7 @@
 //! one machine is not enough, run several of these, on as many machines.
 //!
 //! ```text
-//! cargo run --release --example redis_worker -- <consumer-name>
+//! cargo run --release -p par-imap-services --example redis_worker -- <consumer-name>
 //! ```
 //!
 //! It joins group `workers` on stream `jobs`, reads jobs in batches
@@ -16,10 +16,15 @@
 //! through a `CancellationToken`: it stops reading, abandons the jobs in
 //! flight (they stay pending, for another consumer to reclaim) and exits 0.
 //!
+//! A job whose mapper fails (here: a payload starting with `poison` makes it
+//! panic) does not stop the consumer: with `.keep_going()` its error is
+//! recorded as its result (field `error`) and the job is acknowledged.
+//!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`), `JOB_ROUNDS`
 //! (default 2000), `CLAIM_IDLE_MS` (default 5000), `BATCH` (default 64).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
@@ -144,6 +149,53 @@ impl Reader {
     }
 }
 
+/// The jobs pulled by the map and not yet answered, in read order. The map
+/// yields in input order, so each result, or a failure (which carries only
+/// its index), is the job at the front. The map's window bounds its length.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<VecDeque<(String, u64)>>>);
+
+impl InFlight {
+    fn push(&self, job: &Job) {
+        let mut jobs = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        jobs.push_back((job.id.clone(), job.seq));
+    }
+
+    /// The id and read sequence number of the job whose result came next.
+    fn pop(&self) -> (String, u64) {
+        let mut jobs = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        jobs.pop_front().expect("a result for a job that was read")
+    }
+}
+
+/// Queues the job's result (its digest, or why it failed), then its ack:
+/// a crash in between means the job is redone, never lost.
+fn record(
+    pipe: &mut redis::Pipeline,
+    consumer: &str,
+    (id, seq): (String, u64),
+    outcome: Result<String, String>,
+) {
+    let (field, value) = match outcome {
+        Ok(digest) => ("digest", digest),
+        Err(error) => ("error", error),
+    };
+    let fields = HashMap::from([
+        ("job", id.clone()),
+        ("worker", consumer.to_owned()),
+        ("seq", seq.to_string()),
+        (field, value),
+    ]);
+    pipe.xadd_map(RESULTS, "*", fields).ignore();
+    pipe.xack(JOBS, GROUP, &[&id]).ignore();
+}
+
 async fn on_shutdown_signal(cancel: CancellationToken) {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("a SIGTERM handler");
@@ -194,15 +246,20 @@ async fn main() -> anyhow::Result<()> {
         seq: 0,
         cancel: cancel.clone(),
     };
+    let in_flight = InFlight::default();
+    let pulled = in_flight.clone();
     let jobs = stream::unfold(reader, Reader::next)
         .flat_map(stream::iter)
+        .inspect(move |job| pulled.push(job))
         .boxed();
     let results = jobs
         .par_imap(limit, move |job: Job| {
-            let digest = digest(&job.payload, rounds);
-            (job.id, job.seq, digest)
+            assert!(!job.payload.starts_with(b"poison"), "a poisoned job");
+            digest(&job.payload, rounds)
         })
-        .cancel_token(cancel.clone());
+        .cancel_token(cancel.clone())
+        // One poisoned job must not stop the consumer.
+        .keep_going();
 
     // Results ready together go out in one round trip, still in order.
     let mut done = 0_u64;
@@ -212,21 +269,23 @@ async fn main() -> anyhow::Result<()> {
         let mut stop = false;
         for result in batch {
             match result {
-                Ok((id, seq, digest)) => {
-                    // Result first, then the ack: a crash in between means
-                    // the job is redone, never lost.
-                    let fields = HashMap::from([
-                        ("job", id.clone()),
-                        ("worker", consumer.clone()),
-                        ("seq", seq.to_string()),
-                        ("digest", digest),
-                    ]);
-                    pipe.xadd_map(RESULTS, "*", fields).ignore();
-                    pipe.xack(JOBS, GROUP, &[&id]).ignore();
+                Ok(digest) => {
+                    record(&mut pipe, &consumer, in_flight.pop(), Ok(digest));
                     done += 1;
                 }
+                // A cancellation may name a job never read: nothing to pop.
                 Err(error) if error.is_cancelled() => stop = true,
-                Err(error) => return Err(error.into()),
+                // A failed job (a panic in the mapper): its error is its
+                // result, and the job is acknowledged like any other.
+                Err(error) => {
+                    record(
+                        &mut pipe,
+                        &consumer,
+                        in_flight.pop(),
+                        Err(format!("{error:#}")),
+                    );
+                    done += 1;
+                }
             }
         }
         if pipe.cmd_iter().next().is_some() {

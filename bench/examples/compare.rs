@@ -2,8 +2,8 @@
 //! process, printed as markdown tables (items per second, median of 3 runs).
 //!
 //! ```text
-//! cargo run --release --example compare            # everything, under 2 minutes
-//! cargo run --release --example compare -- quick   # fewer items, a smoke run
+//! cargo run --release -p par-imap-bench --example compare            # everything, under 2 minutes
+//! cargo run --release -p par-imap-bench --example compare -- quick   # fewer items, a smoke run
 //! ```
 //!
 //! CPU-bound work is a xorshift loop (no memory traffic), calibrated at start
@@ -16,9 +16,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 
-#[path = "../benches/workload/mod.rs"]
-mod workload;
-use workload::{LIMIT, rayon_sum, runtime, work};
+use par_imap_bench::{LIMIT, rayon_sum, runtime, work};
 
 /// Rounds of `work` that take about `micros` µs here.
 fn calibrate(micros: f64) -> u64 {

@@ -2,7 +2,7 @@
 //! each with a deadline, results in input order as soon as each is ready.
 //!
 //! ```text
-//! cargo run --example fetch
+//! cargo run -p par-imap-services --example fetch
 //! ```
 //!
 //! The example starts its own HTTP server on 127.0.0.1 (a free port): every

@@ -2,8 +2,8 @@
 //! bench with and without `--no-default-features` and compare.
 //!
 //! ```text
-//! cargo bench --bench overhead -- --save-baseline tracing-on
-//! cargo bench --bench overhead --no-default-features -- --baseline tracing-on
+//! cargo bench -p par-imap-bench --bench overhead -- --save-baseline tracing-on
+//! cargo bench -p par-imap-bench --bench overhead --no-default-features -- --baseline tracing-on
 //! ```
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

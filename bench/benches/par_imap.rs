@@ -1,7 +1,7 @@
 //! Criterion benches of par-imap against its peers, one group per target of
 //! the performance issue. The runtime is built outside `b.iter`.
 //!
-//! `cargo bench` runs them all; `examples/compare.rs` prints the same
+//! `cargo bench -p par-imap-bench` runs them all; `examples/compare.rs` prints the same
 //! comparisons as one table (see BENCHMARKS.md).
 
 use std::time::Duration;
@@ -10,8 +10,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 
-mod workload;
-use workload::{LIMIT, rayon_sum, runtime, work};
+use par_imap_bench::{LIMIT, rayon_sum, runtime, work};
 
 /// Targets 1–3: CPU-bound items of three sizes (rounds of xorshift).
 fn cpu(c: &mut Criterion) {
