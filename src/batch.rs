@@ -30,6 +30,26 @@ impl<T> Batch<T> {
         }
     }
 
+    /// `items` (the first is item `first`) as at most `pieces` calls of about
+    /// the same size, in order.
+    pub(crate) fn split(self, first: usize, pieces: usize) -> Vec<(usize, Batch<T>)> {
+        let mut rest = match self {
+            Batch::Many(items) if pieces > 1 && items.len() > 1 => items,
+            items => return vec![(first, items)],
+        };
+        let size = rest.len().div_ceil(pieces.min(rest.len()));
+        let mut split = Vec::with_capacity(pieces);
+        let mut at = first;
+        while !rest.is_empty() {
+            let tail = rest.split_off(size.min(rest.len()));
+            let piece = std::mem::replace(&mut rest, tail);
+            let len = piece.len();
+            split.push((at, Batch::from_vec(piece)));
+            at += len;
+        }
+        split
+    }
+
     pub(crate) fn iter(&self) -> std::slice::Iter<'_, T> {
         match self {
             Batch::One(value) => std::slice::from_ref(value).iter(),

@@ -11,11 +11,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::Stream;
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -23,32 +21,16 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::{Batch, Results};
-use crate::call::{Call, Event, Expiry, Order, Progress, Shared};
-use crate::deadline::{Deadlines, Due};
+use crate::call::{Call, Event, Order, Progress, Shared};
+use crate::deadline::Deadlines;
+use crate::options::Options;
 use crate::reorder::{Part, Reorder};
 use crate::sizer::{self, Sizer};
 use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
 use crate::trace;
 
-/// How soon to look again at a call with deadlines that ran no item when
-/// its deadline came (between two items, or its report on its way).
-const IDLE_RECHECK: Duration = Duration::from_millis(1);
-
-/// What the builder methods set.
-#[derive(Debug)]
-pub(crate) struct Options {
-    pub(crate) order: Order,
-    pub(crate) limit: usize,
-    /// Set by `.window`; otherwise derived from the batch size.
-    pub(crate) window: Option<usize>,
-    /// Set by `.batch`; otherwise sized from the measured time per item.
-    pub(crate) batch: Option<usize>,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) keep_going: bool,
-    pub(crate) token: Option<CancellationToken>,
-    pub(crate) budget: Option<Arc<Semaphore>>,
-}
+mod timeouts;
 
 /// The engine's hold on a running call.
 #[derive(Debug)]
@@ -266,7 +248,7 @@ impl<T, U> Engine<T, U> {
                 None => self.options.limit.saturating_sub(self.in_flight),
                 Some(_) => 1,
             };
-            for (first, piece) in split(first, items, pieces) {
+            for (first, piece) in items.split(first, pieces) {
                 let len = piece.len();
                 let running = self.start(runner, first, piece, is_failure);
                 self.calls.push(len, running);
@@ -362,7 +344,8 @@ impl<T, U> Engine<T, U> {
         is_failure: IsFailure<U>,
     ) {
         let rest = first + results.len();
-        let pieces: Vec<_> = split(rest, Batch::Many(given_back), self.options.limit)
+        let pieces: Vec<_> = Batch::Many(given_back)
+            .split(rest, self.options.limit)
             .into_iter()
             .map(|(first, items)| {
                 let len = items.len();
@@ -432,110 +415,6 @@ impl<T, U> Engine<T, U> {
                 self.failed_at = Some(index);
                 self.calls.forget_unfinished();
             }
-        }
-    }
-
-    /// Sets the deadline of `call` from the item it runs now, or no
-    /// earlier than `at_least` when it runs none.
-    fn arm(&mut self, call: usize, at_least: Option<Instant>) {
-        if self.options.timeout.is_none() {
-            return;
-        }
-        let Some((running, _)) = self.calls.running(call) else {
-            return;
-        };
-        let deadline = running
-            .progress
-            .as_ref()
-            .and_then(|progress| progress.deadline())
-            .or(at_least);
-        if let Some(old) = running.deadline.take() {
-            self.deadlines.remove(old, call);
-        }
-        if let Some((running, _)) = self.calls.running(call) {
-            running.deadline = deadline;
-        }
-        if let Some(deadline) = deadline {
-            self.deadlines.insert(deadline, call);
-        }
-    }
-
-    fn disarm(&mut self, call: usize, running: Option<Running<U>>) {
-        if let Some(deadline) = running.and_then(|running| running.deadline) {
-            self.deadlines.remove(deadline, call);
-        }
-    }
-
-    /// Times out the items that ran past their deadline.
-    fn expire_deadlines(&mut self, cx: &mut Context<'_>) {
-        let Some(timeout) = self.options.timeout else {
-            return;
-        };
-        // The deadlines due now, each looked at once in this poll: what they
-        // re-arm waits for the next one (a call between two items, or whose
-        // report is on its way, must not keep this loop turning).
-        let mut due = Vec::new();
-        loop {
-            match self.deadlines.poll_due(cx) {
-                Due::Call(at, call) => due.push((at, call)),
-                Due::Nothing => break,
-                Due::RuntimeGone => {
-                    self.cancelled_under = true;
-                    return;
-                }
-            }
-        }
-        for (at, call) in due {
-            let Some((running, _)) = self.calls.running(call) else {
-                continue;
-            };
-            if running.deadline == Some(at) {
-                running.deadline = None;
-            }
-            let Some(progress) = running.progress.clone() else {
-                continue;
-            };
-            // The timer may fire within its millisecond before `at`.
-            let now = Instant::now().max(at);
-            match progress.expire(now) {
-                Expiry::Later(deadline) => self.arm(call, Some(deadline)),
-                // No item runs right now: look again a little later.
-                Expiry::Idle => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
-                Expiry::TimedOut {
-                    first,
-                    mut earlier,
-                    index,
-                } => self.time_out(call, first, &mut earlier, index, now, timeout),
-            }
-        }
-        self.deadlines.arm(cx);
-    }
-
-    /// Item `index` of `call` timed out: the call's results before it are
-    /// delivered with the timeout; the call goes on (`.keep_going()`) or
-    /// the map fails at `index`.
-    fn time_out(
-        &mut self,
-        call: usize,
-        first: usize,
-        earlier: &mut Vec<Result<U, Error>>,
-        index: usize,
-        now: Instant,
-        timeout: Duration,
-    ) {
-        let timed_out: Result<U, Error> = Err(Error::timeout(index));
-        self.observe_failure(index, &timed_out);
-        earlier.push(timed_out);
-        let results = Batch::Many(std::mem::take(earlier));
-        match self.calls.complete_part(call, first, results) {
-            Some(Part::GoesOn) => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
-            // An async call is aborted here; a blocking one runs on, its
-            // result dropped when it returns.
-            Some(Part::Ended(running)) => self.disarm(call, Some(running)),
-            None => {}
-        }
-        if !self.options.keep_going {
-            self.failed(index);
         }
     }
 
@@ -700,24 +579,4 @@ impl<T, U> Drop for Engine<T, U> {
             );
         }
     }
-}
-
-/// `items` (the first is item `first`) as at most `pieces` calls of about
-/// the same size, in order.
-fn split<T>(first: usize, items: Batch<T>, pieces: usize) -> Vec<(usize, Batch<T>)> {
-    let mut rest = match items {
-        Batch::Many(items) if pieces > 1 && items.len() > 1 => items,
-        items => return vec![(first, items)],
-    };
-    let size = rest.len().div_ceil(pieces.min(rest.len()));
-    let mut split = Vec::with_capacity(pieces);
-    let mut at = first;
-    while !rest.is_empty() {
-        let tail = rest.split_off(size.min(rest.len()));
-        let piece = std::mem::replace(&mut rest, tail);
-        let len = piece.len();
-        split.push((at, Batch::from_vec(piece)));
-        at += len;
-    }
-    split
 }

@@ -44,7 +44,8 @@
 //! | `pool.imap(f, xs)` | `stream.par_imap(limit, f)` |
 //! | `pool.imap_unordered(f, xs)` | `stream.par_imap_unordered(limit, f)` |
 //! | `Pool(processes=n)` | `limit`: at most `n` calls at once, per map; share a budget across maps with [`.semaphore(s)`](ParImap::semaphore) |
-//! | `chunksize=k` | [`.batch(k)`](ParImap::batch): never waits to fill a chunk, failures keep their exact index |
+//! | `chunksize=k` | not needed: calls are sized from the measured time per item; [`.batch(k)`](ParImap::batch) fixes it, never waits to fill a chunk, failures keep their exact index |
+//! | `concurrent.futures`, pebble: a failed task, the rest go on | [`.keep_going()`](ParImap::keep_going) |
 //! | `initializer=init` | [`par_imap_init(limit, init, f)`](ParImapExt::par_imap_init): `f(&mut state, item)` |
 //! | `maxtasksperchild=n` | not needed: no process to recycle; for code that can crash, a child per call with `process::output` (cargo feature `process`) |
 //! | `AsyncResult.get(timeout)` | [`.timeout(d)`](ParImap::timeout), per item, from the moment its call starts |
@@ -90,6 +91,7 @@ mod engine;
 mod error;
 mod ext;
 mod init;
+mod options;
 #[cfg(feature = "process")]
 pub mod process;
 mod reorder;

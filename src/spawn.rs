@@ -1,6 +1,6 @@
 //! The seam between the engine and how mapper calls run: on the blocking
-//! workers ([`blocking`](crate::blocking)) or as async tasks
-//! ([`task`](crate::task)).
+//! workers (`blocking.rs`) or as async tasks
+//! (`task.rs`).
 //!
 //! The traits are `pub` inside a private module: the public stream type
 //! names them in its bounds, yet no user can name or implement them.

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 #[cfg(doc)]
 use crate::Error;
 use crate::call::Order;
-use crate::engine::{Engine, Options};
+use crate::engine::Engine;
+use crate::options::Options;
 use crate::spawn::Spawn;
 use crate::stats::Stats;
 use crate::variant::{Batching, Kind, Output};
@@ -96,8 +97,15 @@ where
 
     /// Sets the window: at most `window` items pulled from the input and not
     /// yet yielded, whether their call is running or their result waits for
-    /// its turn. The default is `2 * limit`, or `2 * limit * k` with
-    /// [`batch(k)`](ParImap::batch).
+    /// its turn. It is a hard cap, which adaptive batch sizes respect.
+    ///
+    /// The default lets calls fill: `2 * limit * 1024` for the blocking
+    /// variants (their calls take up to 1024 items each, sized by the
+    /// measured time per item, see [`batch`](ParImap::batch)), `2 * limit * k`
+    /// with `batch(k)`, and `2 * limit` for the async variants. So with the
+    /// defaults a blocking map of `limit` 4 holds at most 8192 input items
+    /// (and their results) pulled and not yet yielded; set a window to hold
+    /// fewer.
     ///
     /// A wider window lets fast items run ahead of a slow one in input order
     /// (more memory, better throughput under skew); `window == limit` lets no
@@ -340,9 +348,17 @@ where
     St: Stream,
     K: Kind<St::Item, F> + Batching,
 {
-    /// Lets one mapper call process up to `k` consecutive input items that
-    /// are already available, to spread the cost of a call over several
-    /// items when each is short. Blocking variants only.
+    /// Fixes how many items one mapper call takes: up to `k` consecutive
+    /// input items that are already available. Blocking variants only;
+    /// `.batch(1)` is one item per call.
+    ///
+    /// Without it the size is adaptive: each call is sized from the
+    /// measured time per item so that its work (about 200 µs) costs far
+    /// more than handing it to a worker, from 1 item up to 1024; it starts
+    /// at 1 (the first result is never held back), shrinks within a call or
+    /// two when items get slower, is shared among idle workers, and a call
+    /// that runs far longer than meant gives back its unmapped items to be
+    /// spread over every worker. `.batch(k)` turns all that off.
     ///
     /// A batch never waits to fill up: a call takes what the input has ready
     /// (at least one item), so latency does not grow. Results stay per item,
@@ -355,8 +371,7 @@ where
     /// own start: an item that runs too long fails at its own index, and the
     /// items of its call before it are delivered.
     ///
-    /// The default is `k = 1`. Async calls map one item each, so async
-    /// variants have no `batch`:
+    /// Async calls map one item each, so async variants have no `batch`:
     ///
     /// ```compile_fail
     /// use par_imap::ParImapExt;

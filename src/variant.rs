@@ -1,5 +1,5 @@
 //! The variants of a map: the tags that name them in the stream's type
-//! (public as [`par_imap::kind`](crate::kind)), and what each tag means:
+//! (public as `par_imap::kind`), and what each tag means:
 //! which runner runs the calls, which outputs fail the map, what the
 //! stream yields, and whether calls take batches.
 #![allow(unreachable_pub)]

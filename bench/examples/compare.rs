@@ -7,8 +7,9 @@
 //! ```
 //!
 //! CPU-bound work is a xorshift loop (no memory traffic), calibrated at start
-//! to ~0.15 µs, ~16 µs and ~165 µs per item; limit 2 (this machine's cores);
-//! the consumer folds the results in `block_on`.
+//! to ~0.15 µs, ~1.6 µs, ~16 µs and ~165 µs per item; limit 2 (this
+//! machine's cores); the consumer folds the results in `block_on`. The
+//! defaults (`par_imap(2, f)`, nothing else) lead; tuned figures follow.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -59,25 +60,26 @@ struct Row {
 fn cpu_table(quick: bool) {
     let rt = runtime();
     let workloads: Vec<(&str, f64, u64, usize)> = vec![
-        // (label, µs per item, items, batch for par_imap)
+        // (label, µs per item, items, batch of the tuned row)
         (
             "~0.15 µs",
             0.15,
-            if quick { 100_000 } else { 400_000 },
-            1024,
+            if quick { 200_000 } else { 2_000_000 },
+            256,
         ),
-        ("~16 µs", 16.0, if quick { 2_000 } else { 20_000 }, 1),
-        ("~165 µs", 165.0, if quick { 200 } else { 2_000 }, 1),
+        ("~1.6 µs", 1.6, if quick { 20_000 } else { 200_000 }, 256),
+        ("~16 µs", 16.0, if quick { 2_000 } else { 20_000 }, 16),
+        ("~165 µs", 165.0, if quick { 200 } else { 2_000 }, 16),
     ];
     let names = [
         "serial loop",
         "rayon par_iter (Vec)",
         "pariter",
+        "par-stream par_map",
         "futures buffered (in-task)",
         "buffered over spawn_blocking",
-        "par-stream par_map",
-        "par_imap",
-        "par_imap + batch",
+        "**par_imap, defaults**",
+        "par_imap + batch (tuned)",
     ];
     let mut rows: Vec<Row> = names
         .iter()
@@ -110,6 +112,16 @@ fn cpu_table(quick: bool) {
                 .fold(0, u64::wrapping_add)
         }));
         results.push(measure(items, || {
+            use par_stream::prelude::*;
+            // par-stream spawns its workers when the method is called.
+            rt.block_on(async {
+                stream::iter(0..items)
+                    .par_map(LIMIT, move |i| move || work(i, rounds))
+                    .fold(0_u64, |sum, x| async move { sum.wrapping_add(x) })
+                    .await
+            })
+        }));
+        results.push(measure(items, || {
             rt.block_on(
                 stream::iter(0..items)
                     .map(|i| async move { work(i, rounds) })
@@ -127,16 +139,6 @@ fn cpu_table(quick: bool) {
             .expect("no panics")
         }));
         results.push(measure(items, || {
-            use par_stream::prelude::*;
-            // par-stream spawns its workers when the method is called.
-            rt.block_on(async {
-                stream::iter(0..items)
-                    .par_map(LIMIT, move |i| move || work(i, rounds))
-                    .fold(0_u64, |sum, x| async move { sum.wrapping_add(x) })
-                    .await
-            })
-        }));
-        results.push(measure(items, || {
             rt.block_on(
                 stream::iter(0..items)
                     .par_imap(LIMIT, move |i| work(i, rounds))
@@ -148,7 +150,7 @@ fn cpu_table(quick: bool) {
             rt.block_on(
                 stream::iter(0..items)
                     .par_imap(LIMIT, move |i| work(i, rounds))
-                    .batch(batch.max(16))
+                    .batch(batch)
                     .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
             )
             .expect("no panics")
@@ -160,7 +162,7 @@ fn cpu_table(quick: bool) {
     }
 
     println!(
-        "## CPU-bound map, limit {LIMIT}, items/s (median of 3), ratio to rayon / to serial\n"
+        "## CPU-bound map, limit {LIMIT}, items/s (median of 3), ratio to serial / to rayon\n"
     );
     print!("| peer |");
     for (label, ..) in &workloads {
@@ -174,17 +176,115 @@ fn cpu_table(quick: bool) {
         print!("| {} |", row.name);
         for (column, &value) in row.rates.iter().enumerate() {
             print!(
-                " {} ({:.2}× rayon, {:.2}× serial) |",
+                " {} ({:.2}× serial, {:.2}× rayon) |",
                 rate(value),
-                value / rayon[column],
-                value / serial[column]
+                value / serial[column],
+                value / rayon[column]
             );
         }
         println!();
     }
     println!(
-        "\npar_imap + batch uses batch({}) for ~0.15 µs items and batch(16) otherwise.\n",
-        workloads[0].3
+        "\n`par_imap, defaults` is `par_imap({LIMIT}, f)` and nothing else; the tuned row \
+         adds `.batch(256)` at ~0.15 and ~1.6 µs, `.batch(16)` at ~16 and ~165 µs.\n"
+    );
+}
+
+/// 200 000 items of ~0.15 µs, then 300 of ~1.6 ms: the defaults must size
+/// calls for the first phase and still spread the second over every worker.
+fn phase_change_table(quick: bool) {
+    let rt = runtime();
+    let (fast, slow) = (calibrate(0.15), calibrate(1600.0));
+    let (fast_items, slow_items) = if quick { (50_000, 100) } else { (200_000, 300) };
+    let items = fast_items + slow_items;
+    let cost = move |i: u64| if i < fast_items { fast } else { slow };
+    let median = |run: &dyn Fn() -> u64| {
+        let mut times: Vec<f64> = (0..3)
+            .map(|_| {
+                let start = Instant::now();
+                black_box(run());
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[1]
+    };
+    let serial = median(&|| {
+        (0..items)
+            .map(|i| work(i, cost(i)))
+            .fold(0, u64::wrapping_add)
+    });
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(LIMIT)
+        .build()
+        .expect("rayon");
+    let rayon = median(&|| {
+        use rayon::prelude::*;
+        let input: Vec<u64> = (0..items).collect();
+        pool.install(|| {
+            input
+                .par_iter()
+                .map(|&i| work(i, cost(i)))
+                .reduce(|| 0, u64::wrapping_add)
+        })
+    });
+    let ours = median(&|| {
+        rt.block_on(
+            stream::iter(0..items)
+                .par_imap(LIMIT, move |i| work(i, cost(i)))
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
+        )
+        .expect("no panics")
+    });
+    let ideal = serial / LIMIT as f64;
+    println!(
+        "## Phase change: {fast_items} items of ~0.15 µs, then {slow_items} of ~1.6 ms, limit {LIMIT}\n"
+    );
+    println!("| | wall | / ideal (serial / {LIMIT}) |");
+    println!("|---|---|---|");
+    for (name, wall) in [
+        ("serial loop", serial),
+        ("rayon par_iter (Vec)", rayon),
+        ("**par_imap, defaults**", ours),
+    ] {
+        println!("| {name} | {:.0} ms | {:.2} |", wall * 1e3, wall / ideal);
+    }
+    println!();
+}
+
+/// How long the first result of a map of ~10 ms items takes, against one
+/// item's time: batching must not hold it back.
+fn first_result_table() {
+    let rt = runtime();
+    let rounds = calibrate(10_000.0);
+    let median = |run: &dyn Fn()| {
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                run();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[2]
+    };
+    let one = median(&|| {
+        black_box(work(7, rounds));
+    });
+    let first = median(&|| {
+        rt.block_on(async {
+            let mut results = stream::iter(0..100_u64).par_imap(LIMIT, move |i| work(i, rounds));
+            black_box(results.next().await);
+        });
+    });
+    println!("## First result on ~10 ms items, defaults, limit {LIMIT}\n");
+    println!("| one item | first result of `par_imap` | ratio |");
+    println!("|---|---|---|");
+    println!(
+        "| {:.1} ms | {:.1} ms | {:.2} |\n",
+        one * 1e3,
+        first * 1e3,
+        first / one
     );
 }
 
@@ -388,7 +488,9 @@ fn main() {
     let quick = args.first().is_some_and(|arg| arg == "quick");
     let start = Instant::now();
     cpu_table(quick);
+    phase_change_table(quick);
     async_table(quick);
+    first_result_table();
     skew_table(quick);
     memory_table(quick);
     eprintln!("done in {:.0} s", start.elapsed().as_secs_f64());

@@ -1,0 +1,125 @@
+//! The engine's per-item deadlines for blocking calls: armed from what a
+//! call shares of the item it runs, looked at once per poll when due, and
+//! turned into a timeout of exactly that item.
+
+use std::task::Context;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Engine, Running};
+use crate::Error;
+use crate::batch::Batch;
+use crate::call::Expiry;
+use crate::deadline::Due;
+use crate::reorder::Part;
+
+/// How soon to look again at a call with deadlines that ran no item when
+/// its deadline came (between two items, or its report on its way).
+const IDLE_RECHECK: Duration = Duration::from_millis(1);
+
+impl<T, U> Engine<T, U> {
+    /// Sets the deadline of `call` from the item it runs now, or no
+    /// earlier than `at_least` when it runs none.
+    pub(super) fn arm(&mut self, call: usize, at_least: Option<Instant>) {
+        if self.options.timeout.is_none() {
+            return;
+        }
+        let Some((running, _)) = self.calls.running(call) else {
+            return;
+        };
+        let deadline = running
+            .progress
+            .as_ref()
+            .and_then(|progress| progress.deadline())
+            .or(at_least);
+        if let Some(old) = running.deadline.take() {
+            self.deadlines.remove(old, call);
+        }
+        if let Some((running, _)) = self.calls.running(call) {
+            running.deadline = deadline;
+        }
+        if let Some(deadline) = deadline {
+            self.deadlines.insert(deadline, call);
+        }
+    }
+
+    pub(super) fn disarm(&mut self, call: usize, running: Option<Running<U>>) {
+        if let Some(deadline) = running.and_then(|running| running.deadline) {
+            self.deadlines.remove(deadline, call);
+        }
+    }
+
+    /// Times out the items that ran past their deadline.
+    pub(super) fn expire_deadlines(&mut self, cx: &mut Context<'_>) {
+        let Some(timeout) = self.options.timeout else {
+            return;
+        };
+        // The deadlines due now, each looked at once in this poll: what they
+        // re-arm waits for the next one (a call between two items, or whose
+        // report is on its way, must not keep this loop turning).
+        let mut due = Vec::new();
+        loop {
+            match self.deadlines.poll_due(cx) {
+                Due::Call(at, call) => due.push((at, call)),
+                Due::Nothing => break,
+                Due::RuntimeGone => {
+                    self.cancelled_under = true;
+                    return;
+                }
+            }
+        }
+        for (at, call) in due {
+            let Some((running, _)) = self.calls.running(call) else {
+                continue;
+            };
+            if running.deadline == Some(at) {
+                running.deadline = None;
+            }
+            let Some(progress) = running.progress.clone() else {
+                continue;
+            };
+            // The timer may fire within its millisecond before `at`.
+            let now = Instant::now().max(at);
+            match progress.expire(now) {
+                Expiry::Later(deadline) => self.arm(call, Some(deadline)),
+                // No item runs right now: look again a little later.
+                Expiry::Idle => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
+                Expiry::TimedOut {
+                    first,
+                    mut earlier,
+                    index,
+                } => self.time_out(call, first, &mut earlier, index, now, timeout),
+            }
+        }
+        self.deadlines.arm(cx);
+    }
+
+    /// Item `index` of `call` timed out: the call's results before it are
+    /// delivered with the timeout; the call goes on (`.keep_going()`) or
+    /// the map fails at `index`.
+    fn time_out(
+        &mut self,
+        call: usize,
+        first: usize,
+        earlier: &mut Vec<Result<U, Error>>,
+        index: usize,
+        now: Instant,
+        timeout: Duration,
+    ) {
+        let timed_out: Result<U, Error> = Err(Error::timeout(index));
+        self.observe_failure(index, &timed_out);
+        earlier.push(timed_out);
+        let results = Batch::Many(std::mem::take(earlier));
+        match self.calls.complete_part(call, first, results) {
+            Some(Part::GoesOn) => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
+            // An async call is aborted here; a blocking one runs on, its
+            // result dropped when it returns.
+            Some(Part::Ended(running)) => self.disarm(call, Some(running)),
+            None => {}
+        }
+        if !self.options.keep_going {
+            self.failed(index);
+        }
+    }
+}

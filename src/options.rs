@@ -1,0 +1,24 @@
+//! What the builder methods of [`ParImap`](crate::ParImap) set.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::call::Order;
+
+/// What the builder methods set.
+#[derive(Debug)]
+pub(crate) struct Options {
+    pub(crate) order: Order,
+    pub(crate) limit: usize,
+    /// Set by `.window`; otherwise derived from the batch size.
+    pub(crate) window: Option<usize>,
+    /// Set by `.batch`; otherwise sized from the measured time per item.
+    pub(crate) batch: Option<usize>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) keep_going: bool,
+    pub(crate) token: Option<CancellationToken>,
+    pub(crate) budget: Option<Arc<Semaphore>>,
+}
