@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 /// The work one adaptive call aims at.
-const TARGET: Duration = Duration::from_micros(200);
+const TARGET: Duration = Duration::from_micros(500);
 
 /// An adaptive call that runs this long gives back the items it has not
 /// mapped, to be shared among the workers: its items got slower.
-pub(crate) const GIVE_BACK_AFTER: Duration = Duration::from_micros(800);
+pub(crate) const GIVE_BACK_AFTER: Duration = Duration::from_millis(2);
 
 /// The most items an adaptive call takes: the default window is
 /// `2 * limit * MOST`.
