@@ -235,7 +235,13 @@ impl<T, U> Engine<T, U> {
             if self.in_flight > 0 && room < most.min(share).max(1) {
                 break;
             }
-            let Some(items) = self.pull(input.as_mut(), cx, most.min(room)) else {
+            // Adaptive sizes also keep to a fair share of the window, so that
+            // a small window still lets every worker have a call.
+            let size = match self.options.batch {
+                None => most.min(share),
+                Some(_) => most,
+            };
+            let Some(items) = self.pull(input.as_mut(), cx, size.min(room).max(1)) else {
                 break;
             };
             let first = self.pulled;
