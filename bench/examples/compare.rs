@@ -2,7 +2,7 @@
 //! process, printed as markdown tables (items per second, median of 3 runs).
 //!
 //! ```text
-//! cargo run --release -p par-imap-bench --example compare            # everything, under 2 minutes
+//! cargo run --release -p par-imap-bench --example compare            # everything, about 4 minutes
 //! cargo run --release -p par-imap-bench --example compare -- quick   # fewer items, a smoke run
 //! ```
 //!
