@@ -20,7 +20,8 @@
 //!   last result is taken, so every drain in `ready` still owes a result;
 //! - the lowest index not yet yielded is `next_out` in input order, and in
 //!   completion order the lowest of the slots' and the drains' next indices
-//!   (`next_in` when there is none).
+//!   and of the calls forgotten after a failure (`next_in` when there is
+//!   none).
 
 use std::collections::VecDeque;
 
@@ -85,6 +86,9 @@ pub(crate) struct Reorder<U, R> {
     next_out: usize,
     /// The first index of the next call.
     next_in: usize,
+    /// Completion order: the lowest index of the calls forgotten after a
+    /// failure; never yielded, so still the lowest a cancellation may name.
+    forgotten: Option<usize>,
 }
 
 impl<U, R> Reorder<U, R> {
@@ -95,6 +99,7 @@ impl<U, R> Reorder<U, R> {
             ready: VecDeque::new(),
             next_out: 0,
             next_in: 0,
+            forgotten: None,
         }
     }
 
@@ -253,6 +258,9 @@ impl<U, R> Reorder<U, R> {
     /// Forgets every call not finished yet (fail-fast in completion order);
     /// results already finished stay to be yielded.
     pub(crate) fn forget_unfinished(&mut self) {
+        if let Some(lowest) = self.slots.front().map(|slot| slot.first) {
+            self.forgotten = Some(self.forgotten.map_or(lowest, |low| low.min(lowest)));
+        }
         self.slots
             .retain(|slot| matches!(slot.state, State::Done(_)));
     }
@@ -299,6 +307,7 @@ impl<U, R> Reorder<U, R> {
                 .iter()
                 .map(|slot| slot.first)
                 .chain(self.ready.iter().map(|drain| drain.index))
+                .chain(self.forgotten)
                 .min()
                 .unwrap_or(self.next_in),
         }
@@ -432,8 +441,23 @@ mod tests {
         buffer.complete(2, 2, ok(&[2]));
         buffer.forget_unfinished();
         assert_eq!(drain_all(&mut buffer), [2]);
-        assert!(buffer.is_empty());
-        assert_eq!(buffer.lowest_owed(), 3);
+        assert!(buffer.is_empty(), "nothing but a cancellation is owed");
+        assert_eq!(buffer.lowest_owed(), 0, "items 0 and 1 were never yielded");
+    }
+
+    #[test]
+    fn items_forgotten_after_a_failure_stay_the_lowest_not_yielded() {
+        // Unordered: item 0 runs long, item 1 fails and is observed: item 0
+        // is forgotten, but never yielded, so a cancellation must name it.
+        let mut buffer = Reorder::new(Order::Completion);
+        buffer.push(1, "a");
+        buffer.push(1, "b");
+        buffer.push(1, "c");
+        buffer.complete(2, 2, ok(&[2]));
+        buffer.complete(1, 1, Batch::One(Err(Error::timeout(1))));
+        buffer.forget_unfinished();
+        assert_eq!(buffer.pop().unwrap().unwrap(), 2);
+        assert_eq!(buffer.lowest_owed(), 0);
     }
 
     #[test]

@@ -759,3 +759,45 @@ async fn snapshot_in_flight_zero_when_started_equals_completed() {
         (50_000, 50_000, 0)
     );
 }
+
+// ---- 4b. unordered: a call forgotten after a failure is still owed ----
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn unordered_cancel_after_an_observed_failure_names_the_forgotten_item() {
+    // Item 0 never ends; item 2 ends, then item 1 panics: the failure is
+    // seen (item 0 forgotten) but waits behind item 2's result. Cancelling
+    // then must name item 0, the lowest index never yielded, not item 1.
+    let token = CancellationToken::new();
+    let (tx0, rx0) = tokio::sync::oneshot::channel::<()>();
+    let (tx1, rx1) = tokio::sync::oneshot::channel::<()>();
+    let (tx2, rx2) = tokio::sync::oneshot::channel::<()>();
+    let gates = Arc::new(std::sync::Mutex::new(vec![Some(rx0), Some(rx1), Some(rx2)]));
+    let mut results = stream::iter(0..3_usize)
+        .par_imap_async_unordered(3, move |n| {
+            let gate = gates.lock().unwrap()[n].take();
+            async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                assert!(n != 1, "item 1 fails");
+                n
+            }
+        })
+        .cancel_token(token.clone());
+    assert!(futures::poll!(results.next()).is_pending());
+    tx2.send(()).unwrap();
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    tx1.send(()).unwrap();
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(results.next().await.unwrap().unwrap(), 2);
+    token.cancel();
+    let error = results.next().await.unwrap().unwrap_err();
+    assert!(error.is_cancelled(), "{error}");
+    assert_eq!(error.index(), 0, "item 0 was never yielded");
+    assert!(results.next().await.is_none());
+    drop(tx0);
+}
