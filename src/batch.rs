@@ -38,7 +38,7 @@ impl<T> Batch<T> {
             items => return vec![(first, items)],
         };
         let size = rest.len().div_ceil(pieces.min(rest.len()));
-        let mut split = Vec::with_capacity(pieces);
+        let mut split = Vec::with_capacity(pieces.min(rest.len()));
         let mut at = first;
         while !rest.is_empty() {
             let tail = rest.split_off(size.min(rest.len()));

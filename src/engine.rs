@@ -100,14 +100,21 @@ impl<T, U> Engine<T, U> {
         &self.options
     }
 
-    /// Before the first poll only: later changes would not reach the calls.
+    /// Before the first poll only: later changes would not reach the calls
+    /// (a half-applied option could hang the map), so they panic.
+    #[track_caller]
     pub(crate) fn options_mut(&mut self) -> &mut Options {
+        assert!(
+            self.shared.is_none(),
+            "par_imap: builder methods (window, timeout, batch, ...) go before the first poll"
+        );
         &mut self.options
     }
 
     /// `.batch(k)`: every call takes up to `k` items.
+    #[track_caller]
     pub(crate) fn set_batch(&mut self, k: usize) {
-        self.options.batch = Some(k);
+        self.options_mut().batch = Some(k);
         self.sizer = Sizer::new(Some(k), true);
     }
 
@@ -537,6 +544,10 @@ impl<T, U> Engine<T, U> {
         self.deadlines.clear();
         self.cancelled = None;
         runner.close();
+        // Reports still queued (items given back, outputs of calls that
+        // ended late) are dropped now; later ones by their senders.
+        self.events.close();
+        while self.events.try_recv().is_ok() {}
         input.set(None);
     }
 

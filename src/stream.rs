@@ -28,7 +28,8 @@ pin_project! {
     /// the items of the input stream mapped in parallel.
     ///
     /// `K` names the variant (see [`kind`](crate::kind)). Builder methods
-    /// such as [`window`](ParImap::window) configure it before the first poll.
+    /// such as [`window`](ParImap::window) configure it before the first
+    /// poll; each panics at the caller's line if called after it.
     ///
     /// Dropping it cancels the map: no new mapper call starts, running async
     /// calls are aborted, and every value it holds is dropped, the input
@@ -113,7 +114,8 @@ where
     ///
     /// # Panics
     ///
-    /// Panics at the caller's line if `window < limit`.
+    /// Panics at the caller's line if `window < limit`, or if the stream
+    /// was already polled.
     ///
     /// # Examples
     ///
@@ -170,6 +172,10 @@ where
     /// counts against `limit` (and holds its [`semaphore`](ParImap::semaphore)
     /// permit) until it really ends.
     ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if the stream was already polled.
+    ///
     /// # Examples
     ///
     /// ```
@@ -192,6 +198,7 @@ where
     /// assert_eq!(results.len(), 2);
     /// # }
     /// ```
+    #[track_caller]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.engine.options_mut().timeout = Some(timeout);
         self
@@ -207,6 +214,10 @@ where
     /// The map only watches the token: dropping the stream never cancels it.
     /// Pass a [`child_token`](CancellationToken::child_token) to cancel one
     /// map among several.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if the stream was already polled.
     ///
     /// # Examples
     ///
@@ -229,6 +240,7 @@ where
     /// assert!(results.next().await.is_none());
     /// # }
     /// ```
+    #[track_caller]
     pub fn cancel_token(mut self, token: CancellationToken) -> Self {
         self.engine.options_mut().token = Some(token);
         self
@@ -248,6 +260,10 @@ where
     /// for a permit. If the semaphore is closed, the map ends with one
     /// [`Error`] for which [`is_cancelled`](Error::is_cancelled) is true, at
     /// the lowest index not yet yielded.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if the stream was already polled.
     ///
     /// # Examples
     ///
@@ -269,6 +285,7 @@ where
     /// # Ok(())
     /// # }
     /// ```
+    #[track_caller]
     pub fn semaphore(mut self, semaphore: Arc<Semaphore>) -> Self {
         self.engine.options_mut().budget = Some(semaphore);
         self
@@ -284,6 +301,10 @@ where
     /// item timed out keeps its worker until it returns (a thread cannot be
     /// killed; [`is_cancelled`](crate::is_cancelled) is true inside it), and
     /// the other items of its call are mapped after it.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if the stream was already polled.
     ///
     /// # Examples
     ///
@@ -304,6 +325,7 @@ where
     /// assert_eq!(*parsed[2].as_ref().unwrap(), 3);
     /// # }
     /// ```
+    #[track_caller]
     pub fn keep_going(mut self) -> Self {
         self.engine.options_mut().keep_going = true;
         self
@@ -380,7 +402,8 @@ where
     ///
     /// # Panics
     ///
-    /// Panics at the caller's line if `k` is 0.
+    /// Panics at the caller's line if `k` is 0, or if the stream was already
+    /// polled.
     ///
     /// # Examples
     ///

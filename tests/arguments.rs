@@ -71,3 +71,16 @@ fn window_below_limit_panics_at_the_callers_line() {
         "message: {message}"
     );
 }
+
+#[tokio::test]
+async fn a_builder_method_after_the_first_poll_panics_at_the_callers_line() {
+    use futures::StreamExt;
+    let mut results = futures::stream::iter([1_u32, 2]).par_imap(2, |n| n);
+    assert_eq!(results.next().await.unwrap().unwrap(), 1);
+    let late = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        drop(results.keep_going());
+    }));
+    let message = late.unwrap_err();
+    let message = message.downcast_ref::<&str>().copied().unwrap_or_default();
+    assert!(message.contains("before the first poll"), "{message}");
+}

@@ -801,3 +801,112 @@ async fn unordered_cancel_after_an_observed_failure_names_the_forgotten_item() {
     assert!(results.next().await.is_none());
     drop(tx0);
 }
+
+// ---- found by review: a huge limit, and what an ended map still held ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_limit_never_panics_in_poll_next() {
+    // Adaptive sizes share pulled items among idle workers: `limit` of them.
+    let (tx, rx) = futures::channel::mpsc::unbounded::<u64>();
+    let mut results = rx.par_imap(usize::MAX / 4, |x| x);
+    tx.unbounded_send(0).unwrap();
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    for i in 1..100 {
+        tx.unbounded_send(i).unwrap();
+    }
+    drop(tx);
+    let mut count = 0;
+    while let Some(result) = timeout(BOUND, results.next()).await.expect("no hang") {
+        result.unwrap();
+        count += 1;
+    }
+    assert_eq!(count, 99);
+}
+
+/// A value that counts its drops.
+struct Counted(u64, Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_map_holds_no_given_back_input() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let token = CancellationToken::new();
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Counted>();
+    let mut results = rx
+        .par_imap(1, |item: Counted| {
+            if item.0 >= 1000 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            item.0
+        })
+        .cancel_token(token.clone());
+    let mut sent = 0;
+    // Grow the adaptive size: 1, 2, 4, 8, 16.
+    for round in 0..5 {
+        let n = 1 << round;
+        for _ in 0..n {
+            tx.unbounded_send(Counted(sent, Arc::clone(&drops)))
+                .unwrap();
+            sent += 1;
+        }
+        for _ in 0..n {
+            results.next().await.unwrap().unwrap();
+        }
+    }
+    for k in 0..16 {
+        tx.unbounded_send(Counted(1000 + k, Arc::clone(&drops)))
+            .unwrap();
+    }
+    let sent = sent as usize + 16;
+    assert!(futures::poll!(results.next()).is_pending());
+    // Long enough for the call of 16 slow items to give the rest back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    token.cancel();
+    assert!(results.next().await.unwrap().unwrap_err().is_cancelled());
+    assert!(results.next().await.is_none());
+    // Ended, not dropped: every input item goes, whatever the worker is at.
+    let all = within_bound(|| drops.load(Ordering::SeqCst) == sent);
+    assert!(
+        all,
+        "{} of {sent} inputs dropped",
+        drops.load(Ordering::SeqCst)
+    );
+    drop(results);
+    assert_eq!(drops.load(Ordering::SeqCst), sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_map_drops_outputs_of_calls_that_end_late() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let (late, gate) = (Gates::default(), Gates::default());
+    let (opened, wait) = (late.clone(), gate.clone());
+    let counter = Arc::clone(&drops);
+    let mut results = stream::iter(0..2_u64)
+        .try_par_imap(2, move |i| {
+            if i == 0 {
+                // Item 1 runs before item 0 fails, so it is not skipped.
+                wait.wait(0);
+                return Err(anyhow::anyhow!("item 0 fails"));
+            }
+            wait.open(0);
+            wait.wait(1);
+            opened.open(1);
+            Ok(Counted(i, Arc::clone(&counter)))
+        })
+        .batch(1);
+    assert!(results.next().await.unwrap().is_err());
+    assert!(results.next().await.is_none());
+    // Item 1 ends after the map did: its output is dropped at once, not
+    // kept by the ended (but not dropped) stream.
+    gate.open(1);
+    late.wait(1);
+    let dropped = within_bound(|| drops.load(Ordering::SeqCst) == 1);
+    assert!(dropped, "the late output is still held");
+    drop(results);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+}
