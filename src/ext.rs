@@ -29,18 +29,20 @@ use crate::variant::{Async, Blocking, Try};
 ///    before it are done; `_unordered` variants as soon as it is done.
 /// 2. **Laziness and bounded memory.** Nothing is pulled or started before the
 ///    first poll. An input item is pulled only when a call can start and the
-///    window (see [`ParImap::window`], default `2 * limit`) has room, so at most
-///    `window` items are pulled and not yet yielded, however long the input.
-///    Blocking calls run on at most `limit` long-lived workers; so that a
-///    worker never waits for the consumer to hand it work, up to `limit` more
-///    calls may wait in their queue (not with [`ParImap::semaphore`], whose
-///    permits are for running calls only). They count in the window, and a
-///    queued call that is no longer wanted never starts.
+///    window (see [`ParImap::window`]: by default `2 * limit * 1024` for
+///    blocking maps, `2 * limit` for async ones) has room, so at most `window`
+///    items are pulled and not yet yielded, however long the input and
+///    whatever the options. Blocking calls run on at most `limit` long-lived
+///    workers, each call on a batch of items sized from the measured time per
+///    item (see [`ParImap::batch`]); so that a worker never waits for the
+///    consumer to hand it work, up to `limit` more calls may wait in their
+///    queue. They count in the window, and a queued call that is no longer
+///    wanted never starts.
 /// 3. **Concurrency.** At most `limit` mapper calls run at once. A call's slot
 ///    frees as soon as it ends, so a slow item does not idle the others while
 ///    the window has room.
-/// 4. **Fail-fast.** An item fails when its mapper panics or (`try_` variants)
-///    returns `Err`. From the moment a failure is seen, no input is pulled and
+/// 4. **Fail-fast.** An item fails when its mapper panics, times out, or
+///    (`try_` variants) returns `Err`. From the moment a failure is seen, no input is pulled and
 ///    no call starts; async calls after it are aborted and results after it are
 ///    dropped. In input order the consumer receives items `0..k`, then item
 ///    `k`'s failure, then the end; unordered, the failure comes as soon as it is
@@ -56,9 +58,14 @@ use crate::variant::{Async, Blocking, Try};
 ///    item's index, payload kept for [`std::panic::resume_unwind`]. A panic in
 ///    the *input* stream happens in the consumer's task, as with any combinator.
 ///    A runtime shutting down under the map ends it with an error for which
-///    [`Error::is_cancelled`] is true, not with a hang.
+///    [`Error::is_cancelled`] is true, not with a hang, and no argument a
+///    caller can pass panics inside `poll_next`.
 /// 7. **Runtimes.** Works in any tokio runtime, multi-thread or current-thread.
 ///    Polling outside a runtime panics with tokio's message.
+/// 8. **Composition.** Several maps, nested maps, maps sharing a
+///    [`semaphore`](ParImap::semaphore) budget, maps inside `zip` or `select`,
+///    consumers that stop polling for a while: none of these can deadlock, as
+///    a permit is held only by a running call.
 ///
 /// Closures capture what they like, by move or through an `Arc`, as long as
 /// they are `Send + Sync + 'static`.
