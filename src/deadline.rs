@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Context;
+use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
@@ -80,16 +80,10 @@ impl Deadlines {
         let Some(&(at, call)) = self.pending.first() else {
             return Due::Nothing;
         };
-        if at > Instant::now() {
-            let timer = self.timer.get_or_insert_with(|| Timer::new(at));
-            if timer.sleep.deadline() != at || timer.sleep.is_elapsed() {
-                timer.sleep.as_mut().reset(at);
-            }
-            if timer.sleep.as_mut().poll(cx).is_pending() {
-                return Due::Nothing;
-            }
-            // The timer fired: the deadline has come, whatever the clock
-            // read a moment ago.
+        // A timer that fired means the deadline has come, whatever the
+        // clock read a moment ago.
+        if at > Instant::now() && self.poll_timer(at, cx).is_pending() {
+            return Due::Nothing;
         }
         self.pending.pop_first();
         Due::Call(at, call)
@@ -101,13 +95,19 @@ impl Deadlines {
         let Some(&(at, _)) = self.pending.first() else {
             return;
         };
+        if self.poll_timer(at, cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+    }
+
+    /// Polls the one timer, set to `at` (made on this runtime if there is
+    /// none; re-registered if it fired for an earlier deadline).
+    fn poll_timer(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
         let timer = self.timer.get_or_insert_with(|| Timer::new(at));
         if timer.sleep.deadline() != at || timer.sleep.is_elapsed() {
             timer.sleep.as_mut().reset(at);
         }
-        if timer.sleep.as_mut().poll(cx).is_ready() {
-            cx.waker().wake_by_ref();
-        }
+        timer.sleep.as_mut().poll(cx)
     }
 
     pub(crate) fn clear(&mut self) {

@@ -33,11 +33,8 @@ impl<T, U> Engine<T, U> {
             .as_ref()
             .and_then(|progress| progress.deadline())
             .or(at_least);
-        if let Some(old) = running.deadline.take() {
+        if let Some(old) = std::mem::replace(&mut running.deadline, deadline) {
             self.deadlines.remove(old, call);
-        }
-        if let Some((running, _)) = self.calls.running(call) {
-            running.deadline = deadline;
         }
         if let Some(deadline) = deadline {
             self.deadlines.insert(deadline, call);
