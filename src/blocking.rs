@@ -12,14 +12,14 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 
 use tokio::runtime::Handle;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::Batch;
-use crate::call::{Call, Current, Progress};
-use crate::spawn::{IsFailure, Spawn};
+use crate::call::{Call, Current, Event, Progress};
+use crate::spawn::{Abort, IsFailure, Spawn};
 use crate::trace;
 use crate::workers::{Job, Workers};
 
@@ -44,7 +44,8 @@ where
     }
 }
 
-/// The runner of the blocking variants: at most `limit` long-lived workers.
+/// The runner of the blocking variants: at most `limit` long-lived
+/// workers, and the channel on which their calls report.
 pub struct Blocking<T, F>
 where
     T: Send + 'static,
@@ -52,6 +53,8 @@ where
     F::Output: Send + 'static,
 {
     workers: Workers<BlockingJob<T, F>>,
+    report: UnboundedSender<Event<T, F::Output>>,
+    reports: UnboundedReceiver<Event<T, F::Output>>,
 }
 
 impl<T, F> Blocking<T, F>
@@ -61,8 +64,11 @@ where
     F::Output: Send + 'static,
 {
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
+        let (report, reports) = mpsc::unbounded_channel();
         Blocking {
             workers: Workers::new(mapper, limit),
+            report,
+            reports,
         }
     }
 }
@@ -90,12 +96,13 @@ where
     const BATCHES: bool = true;
 
     fn spawn(
-        &self,
+        &mut self,
         runtime: &Handle,
         items: Batch<T>,
-        call: Call<T, F::Output>,
+        mut call: Call<T, F::Output>,
         is_failure: IsFailure<F::Output>,
-    ) -> Option<AbortOnDropHandle<()>> {
+    ) -> Option<Abort> {
+        call.report_to(self.report.clone());
         let job = BlockingJob {
             items,
             call,
@@ -110,8 +117,27 @@ where
         None
     }
 
-    fn close(&self) {
+    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<T, F::Output>> {
+        // Registering the waker costs more than the rest of a poll: only
+        // when the map is about to wait.
+        let event = if wait {
+            self.reports.poll_recv(cx)
+        } else {
+            Poll::Ready(self.reports.try_recv().ok())
+        };
+        match event {
+            Poll::Ready(Some(event)) => Poll::Ready(event),
+            // The runner holds a sender: the channel closes only in `close`.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn close(&mut self) {
         self.workers.close();
+        // Reports still queued (items given back, outputs of calls that
+        // ended late) are dropped now; later ones by their senders.
+        self.reports.close();
+        while self.reports.try_recv().is_ok() {}
     }
 }
 
@@ -140,94 +166,109 @@ where
             is_failure,
             ..
         } = self;
-        let first = call.first();
+        let event = map_call(&mut call, items, mapper, is_failure);
+        call.send(event);
+    }
+}
+
+/// Maps a call's items in order, stopping at the first item the map no
+/// longer wants (the rest are dropped unmapped); returns its report.
+fn map_call<T, F: Mapper<T>>(
+    call: &mut Call<T, F::Output>,
+    items: Batch<T>,
+    mapper: &F,
+    is_failure: IsFailure<F::Output>,
+) -> Event<T, F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let first = call.first();
+    if call.is_unwanted() {
+        return call.skip();
+    }
+    if let Some(budget) = call.shared().budget() {
+        match wait_for_permit(budget, call.shared().ended()) {
+            Some(Ok(permit)) => call.hold(permit),
+            Some(Err(_closed)) => return call.finish_one(Err(Error::cancelled(first))),
+            None => return call.skip(),
+        }
         if call.is_unwanted() {
             return call.skip();
         }
-        if let Some(budget) = call.shared().budget() {
-            match wait_for_permit(budget, call.shared().ended()) {
-                Some(Ok(permit)) => call.hold(permit),
-                Some(Err(_closed)) => return call.finish_one(Err(Error::cancelled(first))),
-                None => return call.skip(),
-            }
-            if call.is_unwanted() {
-                return call.skip();
-            }
-        }
-        call.start();
-        let _span = trace::call_span(first).entered();
-        let current = Current::enter(&call);
-        let map_one = |index: usize, item: T| {
-            let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))
-                .map_err(|payload| Error::panic(index, payload));
-            if is_failure(&result) {
-                call.failed_at(index);
-            }
-            result
-        };
-        // With deadlines the result goes to the progress, which turns it
-        // into a timeout if the item ran past its deadline.
-        let settle =
-            |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
-                if progress.end(index, result) {
-                    call.failed_at(index);
-                }
-            };
-        let mut mapped = 0;
-        let results = match items {
-            Batch::One(item) => {
-                let result = map_one(first, item);
-                drop(current);
-                return match call.progress() {
-                    Some(progress) => {
-                        settle(first, result, progress);
-                        call.finish(Vec::new(), 1)
-                    }
-                    None => call.finish_one(result),
-                };
-            }
-            Batch::Many(items) => {
-                let mut results = Vec::new();
-                if call.progress().is_none() {
-                    results.reserve_exact(items.len());
-                }
-                let mut items = items.into_iter();
-                let mut index = first;
-                while let Some(item) = items.next() {
-                    // A failure (here or in another call) or the end of the
-                    // map: what is left is dropped unmapped.
-                    if index > first && call.is_cut_off(index) {
-                        break;
-                    }
-                    current.item(index);
-                    let progress = call.progress();
-                    if let (Some(progress), true) = (progress, index > first) {
-                        progress.begin(index);
-                    }
-                    let result = map_one(index, item);
-                    mapped += 1;
-                    match call.progress() {
-                        Some(progress) => settle(index, result, progress),
-                        None => results.push(result),
-                    }
-                    index += 1;
-                    // Reading the clock costs about as much as a short item:
-                    // every item at first, then every eighth.
-                    if items.len() > 0
-                        && (mapped < 16 || mapped % 8 == 0)
-                        && !call.is_cut_off(index)
-                        && call.should_give_back()
-                    {
-                        drop(current);
-                        return call.give_back(results, items.collect());
-                    }
-                }
-                results
-            }
-        };
-        drop(current);
-        call.finish(results, mapped);
     }
+    call.start();
+    let _span = trace::call_span(first).entered();
+    let current = Current::enter(call);
+    let call_ref = &*call;
+    let map_one = |index: usize, item: T| {
+        let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))
+            .map_err(|payload| Error::panic(index, payload));
+        if is_failure(&result) {
+            call_ref.failed_at(index);
+        }
+        result
+    };
+    // With deadlines the result goes to the progress, which turns it into a
+    // timeout if the item ran past its deadline.
+    let settle = |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
+        if progress.end(index, result) {
+            call_ref.failed_at(index);
+        }
+    };
+    let mut mapped = 0;
+    let results = match items {
+        Batch::One(item) => {
+            let result = map_one(first, item);
+            drop(current);
+            return match call.progress() {
+                Some(progress) => {
+                    settle(first, result, progress);
+                    call.finish(Vec::new(), 1)
+                }
+                None => call.finish_one(result),
+            };
+        }
+        Batch::Many(items) => {
+            let mut results = Vec::new();
+            if call.progress().is_none() {
+                results.reserve_exact(items.len());
+            }
+            let mut items = items.into_iter();
+            let mut index = first;
+            while let Some(item) = items.next() {
+                // A failure (here or in another call) or the end of the
+                // map: what is left is dropped unmapped.
+                if index > first && call.is_cut_off(index) {
+                    break;
+                }
+                current.item(index);
+                let progress = call.progress();
+                if let (Some(progress), true) = (progress, index > first) {
+                    progress.begin(index);
+                }
+                let result = map_one(index, item);
+                mapped += 1;
+                match call.progress() {
+                    Some(progress) => settle(index, result, progress),
+                    None => results.push(result),
+                }
+                index += 1;
+                // Reading the clock costs about as much as a short item:
+                // every item at first, then every eighth.
+                if items.len() > 0
+                    && (mapped < 16 || mapped % 8 == 0)
+                    && !call.is_cut_off(index)
+                    && call.should_give_back()
+                {
+                    drop(current);
+                    return call.give_back(results, items.collect());
+                }
+            }
+            results
+        }
+    };
+    drop(current);
+    call.finish(results, mapped)
 }
 
 /// Waits on this worker thread for a permit of the budget, or for the map

@@ -119,7 +119,7 @@ impl Shared {
 
 /// What a call tells the engine.
 #[derive(Debug)]
-pub(crate) enum Event<T, U> {
+pub enum Event<T, U> {
     /// The call's first item started (sent only when items have deadlines).
     /// Calls are named by their first item's index.
     Started { call: usize },
@@ -285,17 +285,23 @@ impl<U> Progress<U> {
     }
 }
 
-/// The ticket of one mapper call over the items `first..`: it reports the
-/// call's results to the engine exactly once. A call dropped before it
-/// finished (aborted, never started, or torn down with its runtime) reports
-/// itself cancelled, so the engine never waits for a result that cannot come.
-/// It holds the call's permit of the shared budget once it has one, released
-/// when the call really ends.
+/// The ticket of one mapper call over the items `first..`: it makes the
+/// call's report exactly once. An async call returns its report from its
+/// task (the engine reads it through the task's join handle, which also
+/// tells of a task aborted or torn down with its runtime); a blocking call
+/// sends it on its runner's channel ([`report_to`](Call::report_to)), and a
+/// blocking call dropped before it finished (never run, or its worker torn
+/// down) sends itself cancelled, so the engine never waits for a report that
+/// cannot come. It holds the call's permit of the shared budget once it has
+/// one, released when the call really ends.
 #[derive(Debug)]
 pub struct Call<T, U> {
     first: usize,
     shared: Arc<Shared>,
+    /// Where a blocking call reports.
     report: Option<UnboundedSender<Event<T, U>>>,
+    /// The report was made: dropping the ticket says nothing more.
+    reported: bool,
     progress: Option<Arc<Progress<U>>>,
     /// When the mapper started, for the busy time; `None` until then.
     started_at: Option<std::time::Instant>,
@@ -309,19 +315,25 @@ impl<T, U> Call<T, U> {
     pub(crate) fn new(
         first: usize,
         shared: Arc<Shared>,
-        report: UnboundedSender<Event<T, U>>,
         progress: Option<Arc<Progress<U>>>,
         give_back_after: Option<Duration>,
     ) -> Self {
         Call {
             first,
             shared,
-            report: Some(report),
+            report: None,
+            reported: false,
             progress,
             started_at: None,
             permit: None,
             give_back_after,
         }
+    }
+
+    /// The call reports on `report` (blocking calls), also when dropped
+    /// unfinished.
+    pub(crate) fn report_to(&mut self, report: UnboundedSender<Event<T, U>>) {
+        self.report = Some(report);
     }
 
     /// Whether the call has run long enough to give back its other items.
@@ -380,36 +392,40 @@ impl<T, U> Call<T, U> {
 
     /// The call ended: `results` are its results from `first` on, unless
     /// they went through the progress, which then holds what is left.
-    pub(crate) fn finish(mut self, results: Vec<Result<U, Error>>, mapped: usize) {
-        self.send(Batch::Many(results), mapped, Vec::new());
+    pub(crate) fn finish(&mut self, results: Vec<Result<U, Error>>, mapped: usize) -> Event<T, U> {
+        self.end(Batch::Many(results), mapped, Vec::new())
     }
 
     /// The call of one item ended, without a batch's allocation.
-    pub(crate) fn finish_one(mut self, result: Result<U, Error>) {
-        self.send(Batch::One(result), 1, Vec::new());
+    pub(crate) fn finish_one(&mut self, result: Result<U, Error>) -> Event<T, U> {
+        self.end(Batch::One(result), 1, Vec::new())
     }
 
     /// The call stops early: `results` for the items it mapped, and the
     /// items it gives back unmapped.
-    pub(crate) fn give_back(mut self, results: Vec<Result<U, Error>>, rest: Vec<T>) {
+    pub(crate) fn give_back(&mut self, results: Vec<Result<U, Error>>, rest: Vec<T>) -> Event<T, U> {
         let mapped = results.len();
-        self.send(Batch::Many(results), mapped, rest);
+        self.end(Batch::Many(results), mapped, rest)
     }
 
     /// The call will not run: it is no longer wanted. Not a failure.
-    pub(crate) fn skip(mut self) {
+    pub(crate) fn skip(&mut self) -> Event<T, U> {
+        self.ended(0);
+        Event::Skipped { call: self.first }
+    }
+
+    /// Sends the call's report on its channel. The engine is gone when this
+    /// fails: the report is dropped here.
+    pub(crate) fn send(mut self, event: Event<T, U>) {
         if let Some(report) = self.report.take() {
-            let _ = report.send(Event::Skipped { call: self.first });
+            let _ = report.send(event);
         }
     }
 
-    /// Counts the call as ended and reports its results. With a progress,
-    /// the results not taken by the engine come from there: `results` is
-    /// then empty.
-    fn send(&mut self, results: Results<U>, mapped: usize, given_back: Vec<T>) {
-        let Some(report) = self.report.take() else {
-            return;
-        };
+    /// Counts the call as ended and makes its report. With a progress, the
+    /// results not taken by the engine come from there: `results` is then
+    /// empty.
+    fn end(&mut self, results: Results<U>, mapped: usize, given_back: Vec<T>) -> Event<T, U> {
         let (first, results) = match &self.progress {
             Some(progress) if results.len() == 0 => {
                 let (first, taken) = progress.take();
@@ -417,38 +433,64 @@ impl<T, U> Call<T, U> {
             }
             _ => (self.first, results),
         };
-        let busy = match self.started_at.take() {
-            Some(started_at) => {
-                let busy = started_at.elapsed();
-                self.shared.counters.call_completed(mapped, busy);
-                busy
-            }
-            None => Duration::ZERO,
-        };
-        // The permit goes back before the engine hears, so a call it starts
-        // next can take it.
-        self.permit = None;
-        // The engine is gone when this fails: the results are dropped here.
-        let _ = report.send(Event::Finished {
+        let busy = self.ended(mapped);
+        Event::Finished {
             call: self.first,
             first,
             results,
             mapped,
             busy,
             given_back,
-        });
+        }
+    }
+
+    /// The call ended having mapped `mapped` items: counted, its permit
+    /// given back (before the engine hears, so that a call it starts next
+    /// can take it). Returns how long the mapper ran.
+    fn ended(&mut self, mapped: usize) -> Duration {
+        self.reported = true;
+        self.permit = None;
+        match self.started_at.take() {
+            Some(started_at) => {
+                let busy = started_at.elapsed();
+                self.shared.counters.call_completed(mapped, busy);
+                busy
+            }
+            None => Duration::ZERO,
+        }
+    }
+}
+
+impl<T, U> Event<T, U> {
+    /// The report of call `call`, torn down before it ended: `error` for
+    /// its item `first`, the first it had not reported.
+    pub(crate) fn torn_down(call: usize, first: usize, error: Error) -> Self {
+        Event::Finished {
+            call,
+            first,
+            results: Batch::One(Err(error)),
+            mapped: 0,
+            busy: Duration::ZERO,
+            given_back: Vec::new(),
+        }
     }
 }
 
 impl<T, U> Drop for Call<T, U> {
+    /// A blocking call dropped unfinished reports itself cancelled.
     fn drop(&mut self) {
-        if self.report.is_some() {
-            let index = match &self.progress {
-                Some(progress) => progress.take().0,
-                None => self.first,
-            };
-            self.send(Batch::One(Err(Error::cancelled(index))), 0, Vec::new());
+        if self.reported {
+            return;
         }
+        let Some(report) = self.report.take() else {
+            return;
+        };
+        let index = match &self.progress {
+            Some(progress) => progress.take().0,
+            None => self.first,
+        };
+        self.ended(0);
+        let _ = report.send(Event::torn_down(self.first, index, Error::cancelled(index)));
     }
 }
 

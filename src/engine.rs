@@ -14,10 +14,8 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::{Batch, Results};
@@ -26,7 +24,7 @@ use crate::deadline::Deadlines;
 use crate::options::Options;
 use crate::reorder::{Part, Reorder};
 use crate::sizer::{self, Sizer};
-use crate::spawn::{IsFailure, Spawn};
+use crate::spawn::{Abort, IsFailure, Spawn};
 use crate::stats::Counters;
 use crate::trace;
 
@@ -36,7 +34,7 @@ mod timeouts;
 #[derive(Debug)]
 pub(crate) struct Running<U> {
     /// Dropping it aborts an async call.
-    _abort: Option<AbortOnDropHandle<()>>,
+    _abort: Option<Abort>,
     /// With a timeout: what the call shares about the item it runs.
     progress: Option<Arc<Progress<U>>>,
     deadline: Option<Instant>,
@@ -44,15 +42,13 @@ pub(crate) struct Running<U> {
 
 /// The engine's state, apart from the input and the runner.
 #[derive(Debug)]
-pub(crate) struct Engine<T, U> {
+pub(crate) struct Engine<U> {
     options: Options,
     counters: Arc<Counters>,
     /// Made at the first poll, from the options.
     shared: Option<Arc<Shared>>,
     /// Resolves when the caller's token is cancelled.
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    report: UnboundedSender<Event<T, U>>,
-    events: UnboundedReceiver<Event<T, U>>,
     calls: Reorder<U, Running<U>>,
     deadlines: Deadlines,
     sizer: Sizer,
@@ -71,10 +67,9 @@ pub(crate) struct Engine<T, U> {
     finished: bool,
 }
 
-impl<T, U> Engine<T, U> {
+impl<U> Engine<U> {
     /// `batches`: whether the runner takes several items per call.
     pub(crate) fn new(options: Options, batches: bool) -> Self {
-        let (report, events) = mpsc::unbounded_channel();
         Engine {
             calls: Reorder::new(options.order),
             sizer: Sizer::new(options.batch, batches),
@@ -82,8 +77,6 @@ impl<T, U> Engine<T, U> {
             counters: Arc::default(),
             shared: None,
             cancelled: None,
-            report,
-            events,
             deadlines: Deadlines::default(),
             runtime: None,
             pulled: 0,
@@ -152,10 +145,10 @@ impl<T, U> Engine<T, U> {
     }
 
     /// One poll of the map: the phases in order.
-    pub(crate) fn poll_next<St, R>(
+    pub(crate) fn poll_next<T, St, R>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
-        runner: &R,
+        runner: &mut R,
         is_failure: IsFailure<U>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<U, Error>>>
@@ -180,7 +173,7 @@ impl<T, U> Engine<T, U> {
         loop {
             // 2. Take in what calls report, then the deadlines, so that a
             // failure is seen before more input is pulled.
-            while let Ok(event) = self.events.try_recv() {
+            while let Poll::Ready(event) = runner.poll_report(cx, false) {
                 self.take_in(event, runner, is_failure);
             }
             self.expire_deadlines(cx);
@@ -213,19 +206,18 @@ impl<T, U> Engine<T, U> {
                     return Poll::Ready(self.cancel(input, runner));
                 }
             }
-            match self.events.poll_recv(cx) {
-                Poll::Ready(Some(event)) => self.take_in(event, runner, is_failure),
-                // The engine holds a sender: the channel never closes.
-                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            match runner.poll_report(cx, true) {
+                Poll::Ready(event) => self.take_in(event, runner, is_failure),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
 
     /// Starts calls while the limit and the window have room.
-    fn start_calls<St, R>(
+    fn start_calls<T, St, R>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
-        runner: &R,
+        runner: &mut R,
         is_failure: IsFailure<U>,
         cx: &mut Context<'_>,
     ) where
@@ -285,7 +277,7 @@ impl<T, U> Engine<T, U> {
     fn cancel<St: Stream, R: Spawn<St::Item>>(
         &mut self,
         input: Pin<&mut Option<St>>,
-        runner: &R,
+        runner: &mut R,
     ) -> Option<Result<U, Error>> {
         let owed = (!self.is_drained()).then(|| self.calls.lowest_owed());
         trace::life!("par_imap: cancelled", index = owed);
@@ -297,10 +289,10 @@ impl<T, U> Engine<T, U> {
     }
 
     /// Takes in one report of a call.
-    fn take_in<R: Spawn<T, Output = U>>(
+    fn take_in<T, R: Spawn<T, Output = U>>(
         &mut self,
         event: Event<T, U>,
-        runner: &R,
+        runner: &mut R,
         is_failure: IsFailure<U>,
     ) {
         {
@@ -347,9 +339,9 @@ impl<T, U> Engine<T, U> {
 
     /// `call` mapped `results` (from `first` on) and gave the rest of its
     /// items back: they go out again as one call per worker.
-    fn share_out<R: Spawn<T, Output = U>>(
+    fn share_out<T, R: Spawn<T, Output = U>>(
         &mut self,
-        runner: &R,
+        runner: &mut R,
         call: usize,
         first: usize,
         results: Results<U>,
@@ -459,7 +451,7 @@ impl<T, U> Engine<T, U> {
     /// what the input has ready.
     /// Pulls the items of the next call: at least one, at most `most`, only
     /// what the input has ready.
-    fn pull<St: Stream<Item = T>>(
+    fn pull<T, St: Stream<Item = T>>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
         cx: &mut Context<'_>,
@@ -489,9 +481,9 @@ impl<T, U> Engine<T, U> {
     }
 
     /// Starts the call over `items`, the first of which is item `first`.
-    fn start<R: Spawn<T, Output = U>>(
+    fn start<T, R: Spawn<T, Output = U>>(
         &mut self,
-        runner: &R,
+        runner: &mut R,
         first: usize,
         items: Batch<T>,
         is_failure: IsFailure<U>,
@@ -508,13 +500,7 @@ impl<T, U> Engine<T, U> {
         let give_back_after =
             (self.options.batch.is_none() && progress.is_none()).then_some(sizer::GIVE_BACK_AFTER);
         let shared = Arc::clone(self.shared());
-        let call = Call::new(
-            first,
-            shared,
-            self.report.clone(),
-            progress.clone(),
-            give_back_after,
-        );
+        let call = Call::new(first, shared, progress.clone(), give_back_after);
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         let abort = runner.spawn(runtime, items, call, is_failure);
         self.in_flight += 1;
@@ -534,7 +520,7 @@ impl<T, U> Engine<T, U> {
     fn finish<St: Stream, R: Spawn<St::Item>>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
-        runner: &R,
+        runner: &mut R,
     ) {
         self.finished = true;
         if let Some(shared) = &self.shared {
@@ -544,10 +530,6 @@ impl<T, U> Engine<T, U> {
         self.deadlines.clear();
         self.cancelled = None;
         runner.close();
-        // Reports still queued (items given back, outputs of calls that
-        // ended late) are dropped now; later ones by their senders.
-        self.events.close();
-        while self.events.try_recv().is_ok() {}
         input.set(None);
     }
 
@@ -582,7 +564,7 @@ impl<T, U> Engine<T, U> {
     }
 }
 
-impl<T, U> Drop for Engine<T, U> {
+impl<U> Drop for Engine<U> {
     /// Dropping the stream cancels first: nothing starts any more, before
     /// the runner and the input (declared after the engine) are dropped.
     fn drop(&mut self) {

@@ -6,12 +6,14 @@
 //! names them in its bounds, yet no user can name or implement them.
 #![allow(unreachable_pub)]
 
+use std::task::{Context, Poll};
+
 use tokio::runtime::Handle;
-use tokio_util::task::AbortOnDropHandle;
+use tokio::task::AbortHandle;
 
 use crate::Error;
 use crate::batch::Batch;
-use crate::call::Call;
+use crate::call::{Call, Event};
 
 /// Whether a result fails the map; it depends on the variant (`try_` or not).
 pub type IsFailure<U> = fn(&Result<U, Error>) -> bool;
@@ -27,13 +29,38 @@ pub trait Spawn<T>: Send {
     /// Starts the call of the mapper on `items`; the handle, if any, aborts
     /// it when dropped.
     fn spawn(
-        &self,
+        &mut self,
         runtime: &Handle,
         items: Batch<T>,
         call: Call<T, Self::Output>,
         is_failure: IsFailure<Self::Output>,
-    ) -> Option<AbortOnDropHandle<()>>;
+    ) -> Option<Abort>;
 
-    /// The map ended: calls that have not started are dropped now.
-    fn close(&self);
+    /// The report of a call that ended, if one is ready. With `wait`, `cx`
+    /// is woken when the next one comes; without, it may or may not be.
+    fn poll_report(
+        &mut self,
+        cx: &mut Context<'_>,
+        wait: bool,
+    ) -> Poll<Event<T, Self::Output>>;
+
+    /// The map ended: calls that have not started, and reports not taken
+    /// in, are dropped now.
+    fn close(&mut self);
+}
+
+/// Aborts an async call when dropped: the engine's hold on it.
+#[derive(Debug)]
+pub struct Abort(AbortHandle);
+
+impl Abort {
+    pub(crate) fn new(handle: AbortHandle) -> Self {
+        Abort(handle)
+    }
+}
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -56,7 +56,7 @@ pin_project! {
     {
         // Fields drop in this order: the engine cancels first, then the
         // runner drops the queued calls, then the input goes.
-        engine: Engine<St::Item, Output<K, St::Item, F>>,
+        engine: Engine<Output<K, St::Item, F>>,
         runner: K::Runner,
         kind: PhantomData<fn() -> K>,
         // `None` once the map has ended: an ended map holds no input.

@@ -1,42 +1,84 @@
-//! Async calls: each call one tokio task, aborted when its handle drops.
+//! Async calls: each call one tokio task, whose join handle brings its
+//! report back; the engine holds an abort handle that aborts it when
+//! dropped.
 #![allow(unreachable_pub)]
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::runtime::Handle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::Batch;
-use crate::call::Call;
-use crate::spawn::{IsFailure, Spawn};
+use crate::call::{Call, Event};
+use crate::spawn::{Abort, IsFailure, Spawn};
 use crate::trace;
 
-/// The runner of the async variants: the mapper, shared by the tasks.
-pub struct Tasks<F> {
+/// The runner of the async variants: the mapper, shared by the tasks, and
+/// the join handles of the tasks running.
+pub struct Tasks<T, F, U> {
     mapper: Arc<F>,
+    running: FuturesUnordered<Report<T, U>>,
+    items: PhantomData<fn(T)>,
 }
 
-impl<F> fmt::Debug for Tasks<F> {
+impl<T, F, U> fmt::Debug for Tasks<T, F, U> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Tasks")
+        f.debug_struct("Tasks")
+            .field("running", &self.running.len())
+            .finish()
     }
 }
 
-impl<F> Tasks<F> {
+impl<T, F, U> Tasks<T, F, U> {
     pub(crate) fn new(mapper: F) -> Self {
         Tasks {
             mapper: Arc::new(mapper),
+            running: FuturesUnordered::new(),
+            items: PhantomData,
         }
     }
 }
 
-impl<T, F, Fut> Spawn<T> for Tasks<F>
+/// The report of call `call`, read from its task's join handle.
+struct Report<T, U> {
+    call: usize,
+    handle: JoinHandle<Event<T, U>>,
+}
+
+impl<T, U> Future for Report<T, U> {
+    type Output = Event<T, U>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event<T, U>> {
+        let call = self.call;
+        Poll::Ready(match ready!(self.handle.poll_unpin(cx)) {
+            Ok(event) => event,
+            // Aborted by the engine (which no longer waits for it), or torn
+            // down with its runtime: a cancellation the map did not ask for.
+            Err(error) => Event::torn_down(call, call, torn_down(call, error)),
+        })
+    }
+}
+
+/// What a task that ended without its report stands for: the mapper's
+/// panics are caught inside the task, so only the machinery panics here.
+fn torn_down(call: usize, error: JoinError) -> Error {
+    match error.try_into_panic() {
+        Ok(payload) => Error::panic(call, payload),
+        Err(_cancelled) => Error::cancelled(call),
+    }
+}
+
+impl<T, F, Fut> Spawn<T> for Tasks<T, F, Fut::Output>
 where
     T: Send + 'static,
     F: Fn(T) -> Fut + Send + Sync + 'static,
@@ -49,16 +91,15 @@ where
     const BATCHES: bool = false;
 
     fn spawn(
-        &self,
+        &mut self,
         runtime: &Handle,
         items: Batch<T>,
-        call: Call<T, Fut::Output>,
+        mut call: Call<T, Fut::Output>,
         is_failure: IsFailure<Fut::Output>,
-    ) -> Option<AbortOnDropHandle<()>> {
+    ) -> Option<Abort> {
         let mapper = Arc::clone(&self.mapper);
         let first = call.first();
         let task = async move {
-            let mut call = call;
             if let Some(budget) = call.shared().budget() {
                 let budget = Arc::clone(budget);
                 // Taken inside the task: an aborted or dropped call leaves
@@ -72,13 +113,14 @@ where
                 return call.skip();
             }
             call.start();
-            // The mapper is called inside the task, so an aborted task that
-            // never ran never calls it.
             let mapper = &mapper;
+            let call_ref = &call;
             let timeout = call.shared().timeout();
             let map_one = |index: usize, item: T| async move {
-                // The mapper is called inside `catch_unwind` too: a panic
-                // while making the future is an error of its item as well.
+                // The mapper is called inside the task, so an aborted task
+                // that never ran never calls it; and inside `catch_unwind`
+                // too: a panic while making the future is an error of its
+                // item as well.
                 let mapped = AssertUnwindSafe(async move { mapper(item).await }).catch_unwind();
                 // The call keeps its own deadline, so it ends (and gives its
                 // permit back) at its deadline even while nobody polls the
@@ -91,15 +133,15 @@ where
                     },
                     None => mapped.await.map_err(|payload| Error::panic(index, payload)),
                 };
-                (is_failure(&result), result)
+                if is_failure(&result) {
+                    call_ref.failed_at(index);
+                }
+                result
             };
             match items {
                 Batch::One(item) => {
-                    let (failed, result) = map_one(first, item).await;
-                    if failed {
-                        call.failed_at(first);
-                    }
-                    call.finish_one(result);
+                    let result = map_one(first, item).await;
+                    call.finish_one(result)
                 }
                 // Not made by the engine (`BATCHES` is false), but correct:
                 // the items one after another.
@@ -109,20 +151,31 @@ where
                         if index > first && call.is_cut_off(index) {
                             break;
                         }
-                        let (failed, result) = map_one(index, item).await;
-                        if failed {
-                            call.failed_at(index);
-                        }
-                        results.push(result);
+                        results.push(map_one(index, item).await);
                     }
                     let mapped = results.len();
-                    call.finish(results, mapped);
+                    call.finish(results, mapped)
                 }
             }
         };
-        let task = runtime.spawn(trace::instrument(trace::call_span(first), task));
-        Some(AbortOnDropHandle::new(task))
+        let handle = runtime.spawn(trace::instrument(trace::call_span(first), task));
+        let abort = Abort::new(handle.abort_handle());
+        self.running.push(Report {
+            call: first,
+            handle,
+        });
+        Some(abort)
     }
 
-    fn close(&self) {}
+    fn poll_report(&mut self, cx: &mut Context<'_>, _wait: bool) -> Poll<Event<T, Fut::Output>> {
+        match self.running.poll_next_unpin(cx) {
+            Poll::Ready(Some(event)) => Poll::Ready(event),
+            // None running: nothing to wake the map for.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn close(&mut self) {
+        self.running.clear();
+    }
 }

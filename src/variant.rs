@@ -90,7 +90,7 @@ where
     Fut: Future + Send + 'static,
     Fut::Output: Send + 'static,
 {
-    type Runner = Tasks<F>;
+    type Runner = Tasks<T, F, Fut::Output>;
 
     fn runner(mapper: F, _limit: usize) -> Self::Runner {
         Tasks::new(mapper)

@@ -494,6 +494,33 @@ fn main() {
         println!("{}", rate(rate_now));
         return;
     }
+    if let [mode, items, which] = args.as_slice()
+        && mode == "async-one"
+    {
+        // Profiling aid: trivial futures in a spawned task, through
+        // par_imap_async (`ours`) or buffered over tokio::spawn.
+        let items: u64 = items.parse().expect("items");
+        let rt = runtime();
+        let (rate_now, _) = measure(items, || {
+            let fold = if which == "ours" {
+                stream::iter(0..items)
+                    .par_imap_async(64, |i| async move { i })
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                    .map(|sum| sum.expect("no panics"))
+                    .boxed()
+            } else {
+                stream::iter(0..items)
+                    .map(|i| tokio::spawn(async move { i }))
+                    .buffered(64)
+                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                    .map(|sum| sum.expect("no panics"))
+                    .boxed()
+            };
+            rt.block_on(rt.spawn(fold)).expect("no panics")
+        });
+        println!("{}", rate(rate_now));
+        return;
+    }
     if args.first().is_some_and(|arg| arg == "async") {
         async_table(false);
         return;

@@ -18,7 +18,7 @@ use crate::reorder::Part;
 /// its deadline came (between two items, or its report on its way).
 const IDLE_RECHECK: Duration = Duration::from_millis(1);
 
-impl<T, U> Engine<T, U> {
+impl<U> Engine<U> {
     /// Sets the deadline of `call` from the item it runs now, or no
     /// earlier than `at_least` when it runs none.
     pub(super) fn arm(&mut self, call: usize, at_least: Option<Instant>) {
