@@ -253,10 +253,12 @@ impl<U> Engine<U> {
                 None => self.options.limit.saturating_sub(self.in_flight),
                 Some(_) => 1,
             };
-            for (first, piece) in items.split(first, pieces) {
-                let len = piece.len();
-                let running = self.start(runner, first, piece, is_failure);
-                self.calls.push(len, running);
+            if pieces > 1 && items.len() > 1 {
+                for (first, piece) in items.split(first, pieces) {
+                    self.start_one(runner, first, piece, is_failure);
+                }
+            } else {
+                self.start_one(runner, first, items, is_failure);
             }
         }
     }
@@ -478,6 +480,19 @@ impl<U> Engine<U> {
             }
         }
         Some(Batch::Many(items))
+    }
+
+    /// Starts the next call, over `items` from item `first` on.
+    fn start_one<T, R: Spawn<T, Output = U>>(
+        &mut self,
+        runner: &mut R,
+        first: usize,
+        items: Batch<T>,
+        is_failure: IsFailure<U>,
+    ) {
+        let len = items.len();
+        let running = self.start(runner, first, items, is_failure);
+        self.calls.push(len, running);
     }
 
     /// Starts the call over `items`, the first of which is item `first`.

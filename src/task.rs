@@ -7,7 +7,8 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
@@ -99,12 +100,18 @@ where
     ) -> Option<Abort> {
         let mapper = Arc::clone(&self.mapper);
         let first = call.first();
+        let item = match items {
+            Batch::One(item) => item,
+            // `BATCHES` is false: the engine's sizer is fixed at one item,
+            // and only given-back items (blocking calls) are ever split.
+            Batch::Many(_) => unreachable!("par_imap: an async call takes one item"),
+        };
         let task = async move {
             if let Some(budget) = call.shared().budget() {
-                let budget = Arc::clone(budget);
                 // Taken inside the task: an aborted or dropped call leaves
-                // no waiting acquire behind.
-                match budget.acquire_owned().await {
+                // no waiting acquire behind. Boxed: most maps have no
+                // budget, and the task stays small without it.
+                match Box::pin(Arc::clone(budget).acquire_owned()).await {
                     Ok(permit) => call.hold(permit),
                     Err(_closed) => return call.finish_one(Err(Error::cancelled(first))),
                 }
@@ -113,50 +120,39 @@ where
                 return call.skip();
             }
             call.start();
-            let mapper = &mapper;
-            let call_ref = &call;
-            let timeout = call.shared().timeout();
-            let map_one = |index: usize, item: T| async move {
-                // The mapper is called inside the task, so an aborted task
-                // that never ran never calls it; and inside `catch_unwind`
-                // too: a panic while making the future is an error of its
-                // item as well.
-                let mapped = AssertUnwindSafe(async move { mapper(item).await }).catch_unwind();
-                // The call keeps its own deadline, so it ends (and gives its
-                // permit back) at its deadline even while nobody polls the
-                // map. A deadline past the clock's range is none.
-                let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
-                let result = match deadline {
-                    Some(deadline) => match tokio::time::timeout_at(deadline, mapped).await {
-                        Ok(result) => result.map_err(|payload| Error::panic(index, payload)),
-                        Err(_elapsed) => Err(Error::timeout(index)),
-                    },
-                    None => mapped.await.map_err(|payload| Error::panic(index, payload)),
-                };
-                if is_failure(&result) {
-                    call_ref.failed_at(index);
-                }
-                result
-            };
-            match items {
-                Batch::One(item) => {
-                    let result = map_one(first, item).await;
-                    call.finish_one(result)
-                }
-                // Not made by the engine (`BATCHES` is false), but correct:
-                // the items one after another.
-                Batch::Many(items) => {
-                    let mut results = Vec::with_capacity(items.len());
-                    for (index, item) in (first..).zip(items) {
-                        if index > first && call.is_cut_off(index) {
-                            break;
+            // The mapper is called inside the task, so an aborted task that
+            // never ran never calls it; and inside `catch_unwind` too: a
+            // panic while making the future is an error of its item as well.
+            let mapped = AssertUnwindSafe(async move { mapper(item).await }).catch_unwind();
+            // The call keeps its own deadline, so it ends (and gives its
+            // permit back) at its deadline even while nobody polls the map.
+            // A deadline past the clock's range is none. The timer is boxed
+            // for the same reason as the budget's wait.
+            let deadline = call
+                .shared()
+                .timeout()
+                .and_then(|timeout| Instant::now().checked_add(timeout));
+            let result = match deadline {
+                Some(deadline) => {
+                    let mut mapped = pin!(mapped);
+                    let mut expired = Box::pin(tokio::time::sleep_until(deadline));
+                    poll_fn(|cx| match mapped.as_mut().poll(cx) {
+                        Poll::Ready(result) => {
+                            Poll::Ready(result.map_err(|payload| Error::panic(first, payload)))
                         }
-                        results.push(map_one(index, item).await);
-                    }
-                    let mapped = results.len();
-                    call.finish(results, mapped)
+                        Poll::Pending => expired
+                            .as_mut()
+                            .poll(cx)
+                            .map(|()| Err(Error::timeout(first))),
+                    })
+                    .await
                 }
+                None => mapped.await.map_err(|payload| Error::panic(first, payload)),
+            };
+            if is_failure(&result) {
+                call.failed_at(first);
             }
+            call.finish_one(result)
         };
         let handle = runtime.spawn(trace::instrument(trace::call_span(first), task));
         let abort = Abort::new(handle.abort_handle());
