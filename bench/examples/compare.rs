@@ -480,15 +480,17 @@ fn main() {
             batch.parse().expect("batch"),
         );
         let rounds = calibrate(micros);
+        // Batch and window 0: the defaults.
         let (rate_now, _) = measure(items, || {
+            let mut map = stream::iter(0..items).par_imap(LIMIT, move |i| work(i, rounds));
+            if batch > 0 {
+                map = map.batch(batch);
+            }
+            if window > 0 {
+                map = map.window(window);
+            }
             runtime()
-                .block_on(
-                    stream::iter(0..items)
-                        .par_imap(LIMIT, move |i| work(i, rounds))
-                        .batch(batch)
-                        .window(window)
-                        .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
-                )
+                .block_on(map.try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }))
                 .expect("no panics")
         });
         println!("{}", rate(rate_now));
