@@ -210,11 +210,12 @@ where
     };
     // With deadlines the result goes to the progress, which turns it into a
     // timeout if the item ran past its deadline.
-    let settle = |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
-        if progress.end(index, result) {
-            call_ref.failed_at(index);
-        }
-    };
+    let settle =
+        |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
+            if progress.end(index, result) {
+                call_ref.failed_at(index);
+            }
+        };
     let mut mapped = 0;
     let results = match items {
         Batch::One(item) => {

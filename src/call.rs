@@ -403,7 +403,11 @@ impl<T, U> Call<T, U> {
 
     /// The call stops early: `results` for the items it mapped, and the
     /// items it gives back unmapped.
-    pub(crate) fn give_back(&mut self, results: Vec<Result<U, Error>>, rest: Vec<T>) -> Event<T, U> {
+    pub(crate) fn give_back(
+        &mut self,
+        results: Vec<Result<U, Error>>,
+        rest: Vec<T>,
+    ) -> Event<T, U> {
         let mapped = results.len();
         self.end(Batch::Many(results), mapped, rest)
     }

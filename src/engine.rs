@@ -30,6 +30,10 @@ use crate::trace;
 
 mod timeouts;
 
+/// Results of one batch handed out in a row without looking at reports,
+/// deadlines or new calls.
+const QUICK_YIELDS: u8 = 15;
+
 /// The engine's hold on a running call.
 #[derive(Debug)]
 pub(crate) struct Running<U> {
@@ -64,6 +68,8 @@ pub(crate) struct Engine<U> {
     /// A call came back cancelled by something other than the map: its
     /// runtime shut down, or the budget was closed.
     cancelled_under: bool,
+    /// Results to hand out before phases 2 and 3 are looked at again.
+    quick_yields: u8,
     finished: bool,
 }
 
@@ -85,6 +91,7 @@ impl<U> Engine<U> {
             input_done: false,
             failed_at: None,
             cancelled_under: false,
+            quick_yields: 0,
             finished: false,
         }
     }
@@ -170,6 +177,19 @@ impl<U> Engine<U> {
         if self.is_cancelled_from_outside() {
             return Poll::Ready(self.cancel(input, runner));
         }
+        // Inside a batch's results, most polls just hand the next one out:
+        // the reports, deadlines and new calls (phases 2 and 3) are looked
+        // at every `QUICK_YIELDS + 1` results. A result ready now is owed
+        // before anything they bring, in either order; and calls of several
+        // items are short items, with a call queued behind each running
+        // one, so new calls starting a few results later leave no worker
+        // idle. Calls of one item (async, slow items) never skip the look.
+        if self.quick_yields > 0 {
+            if let Some(result) = self.calls.pop_same_call() {
+                self.quick_yields -= 1;
+                return Poll::Ready(Some(self.hand_out(result, input, runner, is_failure)));
+            }
+        }
         loop {
             // 2. Take in what calls report, then the deadlines, so that a
             // failure is seen before more input is pulled.
@@ -186,12 +206,8 @@ impl<U> Engine<U> {
 
             // 4. Yield the next result whose turn it is.
             if let Some(result) = self.calls.pop() {
-                self.yielded += 1;
-                self.counters.yielded();
-                if !self.options.keep_going && is_failure(&result) {
-                    self.finish(input, runner);
-                }
-                return Poll::Ready(Some(result));
+                self.quick_yields = QUICK_YIELDS;
+                return Poll::Ready(Some(self.hand_out(result, input, runner, is_failure)));
             }
             if self.is_drained() {
                 self.finish(input, runner);
@@ -211,6 +227,22 @@ impl<U> Engine<U> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// Counts `result` as yielded; a failure ends the map (fail-fast).
+    fn hand_out<St: Stream, R: Spawn<St::Item>>(
+        &mut self,
+        result: Result<U, Error>,
+        input: Pin<&mut Option<St>>,
+        runner: &mut R,
+        is_failure: IsFailure<U>,
+    ) -> Result<U, Error> {
+        self.yielded += 1;
+        self.counters.yielded();
+        if !self.options.keep_going && is_failure(&result) {
+            self.finish(input, runner);
+        }
+        result
     }
 
     /// Starts calls while the limit and the window have room.

@@ -89,6 +89,8 @@ pub(crate) struct Reorder<U, R> {
     /// Completion order: the lowest index of the calls forgotten after a
     /// failure; never yielded, so still the lowest a cancellation may name.
     forgotten: Option<usize>,
+    /// The last result popped left more of its call's results to pop.
+    mid_drain: bool,
 }
 
 impl<U, R> Reorder<U, R> {
@@ -100,6 +102,7 @@ impl<U, R> Reorder<U, R> {
             next_out: 0,
             next_in: 0,
             forgotten: None,
+            mid_drain: false,
         }
     }
 
@@ -269,10 +272,12 @@ impl<U, R> Reorder<U, R> {
     pub(crate) fn clear(&mut self) {
         self.slots.clear();
         self.ready.clear();
+        self.mid_drain = false;
     }
 
     /// The next result whose turn has come.
     pub(crate) fn pop(&mut self) -> Option<Result<U, Error>> {
+        self.mid_drain = false;
         match self.order {
             Order::Input => {
                 let front = self.slots.front_mut()?;
@@ -282,6 +287,8 @@ impl<U, R> Reorder<U, R> {
                 let result = drain.next()?;
                 if drain.is_empty() {
                     self.slots.pop_front();
+                } else {
+                    self.mid_drain = true;
                 }
                 self.next_out += 1;
                 Some(result)
@@ -291,10 +298,18 @@ impl<U, R> Reorder<U, R> {
                 let result = drain.next()?;
                 if drain.is_empty() {
                     self.ready.pop_front();
+                } else {
+                    self.mid_drain = true;
                 }
                 Some(result)
             }
         }
+    }
+
+    /// The next result, if it comes from the same call's results as the
+    /// last one popped: the rest of a batch.
+    pub(crate) fn pop_same_call(&mut self) -> Option<Result<U, Error>> {
+        if self.mid_drain { self.pop() } else { None }
     }
 
     /// The lowest index not yet yielded (`next_in` when every item pulled
@@ -351,6 +366,24 @@ mod tests {
         assert_eq!(drain_all(&mut buffer), [0, 1, 20]);
         assert!(buffer.is_empty());
         assert_eq!(buffer.lowest_owed(), 3);
+    }
+
+    #[test]
+    fn pop_same_call_stays_inside_one_calls_results() {
+        for order in [Order::Input, Order::Completion] {
+            let mut buffer = Reorder::new(order);
+            buffer.push(2, "a");
+            buffer.push(1, "b");
+            buffer.complete(0, 0, ok(&[0, 1]));
+            buffer.complete(2, 2, ok(&[2]));
+            assert!(buffer.pop_same_call().is_none(), "nothing popped yet");
+            assert_eq!(buffer.pop().map(Result::unwrap), Some(0));
+            assert_eq!(buffer.pop_same_call().map(Result::unwrap), Some(1));
+            assert!(buffer.pop_same_call().is_none(), "item 2 is another call's");
+            assert_eq!(buffer.pop().map(Result::unwrap), Some(2));
+            assert!(buffer.pop_same_call().is_none());
+            assert!(buffer.is_empty());
+        }
     }
 
     #[test]

@@ -38,11 +38,7 @@ pub trait Spawn<T>: Send {
 
     /// The report of a call that ended, if one is ready. With `wait`, `cx`
     /// is woken when the next one comes; without, it may or may not be.
-    fn poll_report(
-        &mut self,
-        cx: &mut Context<'_>,
-        wait: bool,
-    ) -> Poll<Event<T, Self::Output>>;
+    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<T, Self::Output>>;
 
     /// The map ended: calls that have not started, and reports not taken
     /// in, are dropped now.

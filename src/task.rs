@@ -5,9 +5,9 @@
 
 use std::fmt;
 use std::future::Future;
+use std::future::poll_fn;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::future::poll_fn;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
