@@ -121,6 +121,15 @@ impl<U, R> Reorder<U, R> {
 
     /// Where the running part of `call` is, if it still runs.
     fn position(&self, call: usize) -> Option<usize> {
+        // Calls of one item each (async calls, slow items): the slot is as
+        // far from the front as the call's index. A call has one running
+        // part at most, so a running slot found there is the one.
+        let guess = call.checked_sub(self.slots.front()?.first);
+        if let Some(slot) = guess.and_then(|guess| self.slots.get(guess)) {
+            if slot.call == call && matches!(slot.state, State::Running(_)) {
+                return guess;
+            }
+        }
         let at = self
             .slots
             .partition_point(|slot| slot.call <= call)
