@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::batch::Batch;
 use crate::call::{Call, Current, Event, Progress};
-use crate::spawn::{Abort, IsFailure, Spawn};
+use crate::spawn::{IsFailure, Spawn};
 use crate::trace;
 use crate::workers::{Job, Workers};
 
@@ -101,7 +101,7 @@ where
         items: Batch<T>,
         mut call: Call<T, F::Output>,
         is_failure: IsFailure<F::Output>,
-    ) -> Option<Abort> {
+    ) {
         call.report_to(self.report.clone());
         let job = BlockingJob {
             items,
@@ -114,8 +114,11 @@ where
             // gives its place back and its jobs report themselves cancelled.
             runtime.spawn_blocking(move || worker.run());
         }
-        None
     }
+
+    /// A blocking call cannot be aborted: it sees the cutoff (and
+    /// `is_cancelled()`) and stops at its next item.
+    fn abort_from(&mut self, _index: usize) {}
 
     fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<T, F::Output>> {
         // Registering the waker costs more than the rest of a poll: only

@@ -24,7 +24,7 @@ use crate::deadline::Deadlines;
 use crate::options::Options;
 use crate::reorder::{Part, Reorder};
 use crate::sizer::{self, Sizer};
-use crate::spawn::{Abort, IsFailure, Spawn};
+use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
 use crate::trace;
 
@@ -37,8 +37,6 @@ const QUICK_YIELDS: u8 = 15;
 /// The engine's hold on a running call.
 #[derive(Debug)]
 pub(crate) struct Running<U> {
-    /// Dropping it aborts an async call.
-    _abort: Option<Abort>,
     /// With a timeout: what the call shares about the item it runs.
     progress: Option<Arc<Progress<U>>>,
     deadline: Option<Instant>,
@@ -65,6 +63,9 @@ pub(crate) struct Engine<U> {
     input_done: bool,
     /// Fail-fast: the failure that ends the map once it is yielded.
     failed_at: Option<usize>,
+    /// Async calls from this index on are to be aborted: a failure made
+    /// them unwanted.
+    abort_from: Option<usize>,
     /// A call came back cancelled by something other than the map: its
     /// runtime shut down, or the budget was closed.
     cancelled_under: bool,
@@ -90,6 +91,7 @@ impl<U> Engine<U> {
             in_flight: 0,
             input_done: false,
             failed_at: None,
+            abort_from: None,
             cancelled_under: false,
             quick_yields: 0,
             finished: false,
@@ -197,6 +199,9 @@ impl<U> Engine<U> {
                 self.take_in(event, runner, is_failure);
             }
             self.expire_deadlines(cx);
+            if let Some(index) = self.abort_from.take() {
+                runner.abort_from(index);
+            }
             if self.cancelled_under {
                 return Poll::Ready(self.cancel(input, runner));
             }
@@ -448,13 +453,21 @@ impl<U> Engine<U> {
                 if self.failed_at.is_none_or(|earlier| index < earlier) {
                     self.failed_at = Some(index);
                     self.calls.truncate_after(index);
+                    self.abort(index + 1);
                 }
             }
             Order::Completion => {
                 self.failed_at = Some(index);
                 self.calls.forget_unfinished();
+                self.abort(0);
             }
         }
+    }
+
+    /// The running calls from item `index` on are no longer wanted: the
+    /// async ones are aborted before this poll ends.
+    fn abort(&mut self, index: usize) {
+        self.abort_from = Some(self.abort_from.map_or(index, |from| from.min(index)));
     }
 
     fn can_start(&self, batches: bool) -> bool {
@@ -474,8 +487,15 @@ impl<U> Engine<U> {
                 .budget
                 .as_ref()
                 .is_none_or(|budget| budget.available_permits() > 0);
+        // A call that failed cut the map off at once; until its report is
+        // taken in, pull nothing the failure makes unwanted.
+        let wanted = self
+            .shared
+            .as_ref()
+            .is_none_or(|shared| !shared.is_cut_off(self.pulled));
         !self.input_done
             && self.failed_at.is_none()
+            && wanted
             && self.in_flight < most_in_flight
             && self.pulled - self.yielded < self.window()
             && budget_allows
@@ -549,10 +569,9 @@ impl<U> Engine<U> {
         let shared = Arc::clone(self.shared());
         let call = Call::new(first, shared, progress.clone(), give_back_after);
         let runtime = self.runtime.get_or_insert_with(Handle::current);
-        let abort = runner.spawn(runtime, items, call, is_failure);
+        runner.spawn(runtime, items, call, is_failure);
         self.in_flight += 1;
         Running {
-            _abort: abort,
             progress,
             deadline: None,
         }

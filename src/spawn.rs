@@ -9,7 +9,6 @@
 use std::task::{Context, Poll};
 
 use tokio::runtime::Handle;
-use tokio::task::AbortHandle;
 
 use crate::Error;
 use crate::batch::Batch;
@@ -26,37 +25,24 @@ pub trait Spawn<T>: Send {
     /// queue for a free worker.
     const BATCHES: bool;
 
-    /// Starts the call of the mapper on `items`; the handle, if any, aborts
-    /// it when dropped.
+    /// Starts the call of the mapper on `items`.
     fn spawn(
         &mut self,
         runtime: &Handle,
         items: Batch<T>,
         call: Call<T, Self::Output>,
         is_failure: IsFailure<Self::Output>,
-    ) -> Option<Abort>;
+    );
+
+    /// Aborts the running calls whose first item is `index` or later, where
+    /// calls can be aborted (async ones); their reports still come.
+    fn abort_from(&mut self, index: usize);
 
     /// The report of a call that ended, if one is ready. With `wait`, `cx`
     /// is woken when the next one comes; without, it may or may not be.
     fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<T, Self::Output>>;
 
-    /// The map ended: calls that have not started, and reports not taken
-    /// in, are dropped now.
+    /// The map ended: running async calls are aborted, and calls that have
+    /// not started and reports not taken in are dropped now.
     fn close(&mut self);
-}
-
-/// Aborts an async call when dropped: the engine's hold on it.
-#[derive(Debug)]
-pub struct Abort(AbortHandle);
-
-impl Abort {
-    pub(crate) fn new(handle: AbortHandle) -> Self {
-        Abort(handle)
-    }
-}
-
-impl Drop for Abort {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

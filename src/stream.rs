@@ -55,7 +55,8 @@ pin_project! {
         K: Kind<St::Item, F>,
     {
         // Fields drop in this order: the engine cancels first, then the
-        // runner drops the queued calls, then the input goes.
+        // runner aborts the running async calls and drops the queued ones,
+        // then the input goes.
         engine: Engine<Output<K, St::Item, F>>,
         runner: K::Runner,
         kind: PhantomData<fn() -> K>,

@@ -1,6 +1,5 @@
 //! Async calls: each call one tokio task, whose join handle brings its
-//! report back; the engine holds an abort handle that aborts it when
-//! dropped.
+//! report back and aborts it when the map no longer wants it.
 #![allow(unreachable_pub)]
 
 use std::fmt;
@@ -21,7 +20,7 @@ use tokio::time::Instant;
 use crate::Error;
 use crate::batch::Batch;
 use crate::call::{Call, Event};
-use crate::spawn::{Abort, IsFailure, Spawn};
+use crate::spawn::{IsFailure, Spawn};
 use crate::trace;
 
 /// The runner of the async variants: the mapper, shared by the tasks, and
@@ -97,7 +96,7 @@ where
         items: Batch<T>,
         mut call: Call<T, Fut::Output>,
         is_failure: IsFailure<Fut::Output>,
-    ) -> Option<Abort> {
+    ) {
         let mapper = Arc::clone(&self.mapper);
         let first = call.first();
         let item = match items {
@@ -155,12 +154,17 @@ where
             call.finish_one(result)
         };
         let handle = runtime.spawn(trace::instrument(trace::call_span(first), task));
-        let abort = Abort::new(handle.abort_handle());
         self.running.push(Report {
             call: first,
             handle,
         });
-        Some(abort)
+    }
+
+    /// One pass over the running tasks: only after a failure.
+    fn abort_from(&mut self, index: usize) {
+        for report in self.running.iter().filter(|report| report.call >= index) {
+            report.handle.abort();
+        }
     }
 
     fn poll_report(&mut self, cx: &mut Context<'_>, _wait: bool) -> Poll<Event<T, Fut::Output>> {
@@ -172,6 +176,16 @@ where
     }
 
     fn close(&mut self) {
+        self.abort_from(0);
         self.running.clear();
+    }
+}
+
+impl<T, F, U> Drop for Tasks<T, F, U> {
+    /// Dropping the map aborts its running calls.
+    fn drop(&mut self) {
+        for report in &self.running {
+            report.handle.abort();
+        }
     }
 }
