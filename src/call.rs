@@ -481,12 +481,14 @@ impl<T, U> Event<T, U> {
 }
 
 impl<T, U> Drop for Call<T, U> {
-    /// A blocking call dropped unfinished reports itself cancelled.
+    /// A call dropped unfinished ends its start (`Stats`); a blocking one
+    /// also reports itself cancelled (an async one's join handle tells).
     fn drop(&mut self) {
         if self.reported {
             return;
         }
         let Some(report) = self.report.take() else {
+            self.ended(0);
             return;
         };
         let index = match &self.progress {

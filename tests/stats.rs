@@ -97,3 +97,52 @@ async fn in_flight_counts_blocking_calls_until_they_really_end() {
     assert_eq!(done.started, done.completed);
     assert_eq!(done.yielded, 1);
 }
+
+/// Found by review: an async call aborted after it started (fail-fast,
+/// drop) never counted its end, so `in_flight` stayed above 0 for good.
+#[tokio::test(start_paused = true)]
+async fn in_flight_returns_to_zero_after_a_failure_aborts_running_async_calls() {
+    let results = stream::iter(0..2_u32).par_imap_async_unordered(2, |i| async move {
+        if i == 0 {
+            sleep(Duration::from_millis(10)).await;
+            panic!("item 0 fails");
+        }
+        std::future::pending::<()>().await;
+        i
+    });
+    let stats = results.stats();
+    let all: Vec<_> = results.collect().await;
+    assert!(all[0].as_ref().unwrap_err().is_panic());
+    // The aborted task is dropped on its runtime: let it run.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let done = stats.snapshot();
+    assert_eq!(
+        (done.started, done.completed, done.in_flight),
+        (2, 2, 0),
+        "{done:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_flight_returns_to_zero_after_the_stream_is_dropped_with_async_calls_running() {
+    let mut results = Box::pin(stream::iter(0..2_u32).par_imap_async(2, |i| async move {
+        if i == 1 {
+            std::future::pending::<()>().await;
+        }
+        i
+    }));
+    let stats = results.stats();
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    drop(results);
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    let done = stats.snapshot();
+    assert_eq!(
+        (done.started, done.completed, done.in_flight),
+        (2, 2, 0),
+        "{done:?}"
+    );
+}
