@@ -21,25 +21,21 @@
 //! cases with blocking maps on a real 2-thread runtime with µs durations.
 //! `PAR_IMAP_CASES` sets the cases per mode (default 256, what CI runs).
 mod common;
+#[path = "common/variants.rs"]
+mod variants;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Calls, Running, Tracked, Tracker};
+use common::{Calls, Tracker};
 use futures::stream::BoxStream;
 use futures::{StreamExt, stream};
-use par_imap::ParImapExt;
 use proptest::prelude::*;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FailKind {
-    Err,
-    Panic,
-}
+use variants::{FailKind, Map, Seen, With};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Deadline {
@@ -79,17 +75,10 @@ enum Consumer {
 
 #[derive(Debug, Clone)]
 struct MapCase {
-    len: usize,
-    limit: usize,
-    window: Option<usize>,
-    batch: usize,
-    ordered: bool,
-    blocking: bool,
-    fallible: bool,
+    map: Map,
     /// Item 0 takes 50 units, or every 7th item 10 units.
     slow_head: bool,
     skewed: bool,
-    failure: Option<(usize, FailKind)>,
     /// The item too slow for the `Outlier` deadline.
     outlier: Option<usize>,
 }
@@ -107,12 +96,8 @@ impl MapCase {
         }
     }
 
-    fn window(&self) -> usize {
-        self.window.unwrap_or(2 * self.limit * self.batch)
-    }
-
     fn failing_index(&self) -> Option<usize> {
-        let failure = self.failure.map(|(index, _)| index);
+        let failure = self.map.failure.map(|(index, _)| index);
         match (failure, self.outlier) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -173,26 +158,20 @@ fn map_case(real: bool, deadline: Deadline) -> impl Strategy<Value = MapCase> {
                 failure,
                 outlier,
             )| {
-                let pick = |index: prop::sample::Index| (len > 0).then(|| index.index(len));
                 MapCase {
-                    len,
-                    limit,
-                    window: extra.map(|extra| limit + extra * limit),
-                    batch: if blocking { batch } else { 1 },
-                    ordered,
-                    blocking,
-                    fallible,
+                    map: Map {
+                        len,
+                        limit,
+                        window: extra.map(|extra| limit + extra * limit),
+                        batch: if blocking { batch } else { 1 },
+                        ordered,
+                        blocking,
+                        fallible,
+                        failure: variants::failure(failure, len, fallible),
+                    },
                     slow_head,
                     skewed,
-                    failure: failure.and_then(|(index, err)| {
-                        let kind = if err && fallible {
-                            FailKind::Err
-                        } else {
-                            FailKind::Panic
-                        };
-                        pick(index).map(|index| (index, kind))
-                    }),
-                    outlier: outlier.and_then(pick),
+                    outlier: outlier.and_then(|index| variants::pick(index, len)),
                 }
             },
         )
@@ -225,7 +204,7 @@ fn case(real: bool) -> impl Strategy<Value = Case> {
         move |(maps, permits, consumer, deadline, drop_after, cancel)| {
             let count = maps.len();
             Case {
-                real: real && maps.iter().any(|map| map.blocking),
+                real: real && maps.iter().any(|drawn| drawn.map.blocking),
                 maps,
                 permits,
                 consumer,
@@ -237,64 +216,12 @@ fn case(real: bool) -> impl Strategy<Value = Case> {
     )
 }
 
-/// What the consumer saw from one map.
-#[derive(Debug, Clone, PartialEq)]
-enum Seen {
-    Value(usize),
-    Failed { index: usize, kind: &'static str },
-}
-
-#[derive(Debug)]
-enum TestError {
-    Mine(usize),
-    Machinery(par_imap::Error),
-}
-
-impl From<par_imap::Error> for TestError {
-    fn from(error: par_imap::Error) -> Self {
-        TestError::Machinery(error)
-    }
-}
-
-fn kind(error: &par_imap::Error) -> &'static str {
-    if error.is_panic() {
-        "panic"
-    } else if error.is_timeout() {
-        "timeout"
-    } else {
-        "cancelled"
-    }
-}
-
-fn seen(result: Result<Tracked, TestError>) -> Seen {
-    match result {
-        Ok(output) => Seen::Value(output.value),
-        Err(TestError::Mine(index)) => Seen::Failed { index, kind: "err" },
-        Err(TestError::Machinery(error)) => Seen::Failed {
-            index: error.index(),
-            kind: kind(&error),
-        },
-    }
-}
-
-fn seen_plain(result: Result<Result<Tracked, ()>, par_imap::Error>) -> Seen {
-    seen(
-        result
-            .map_err(TestError::from)
-            .map(|ok| ok.expect("plain maps only panic")),
-    )
-}
-
-/// Everything one map's input and mapper report.
+/// Everything one map's input and mapper report, and what it yielded.
 #[derive(Clone, Default)]
 struct Probe {
-    calls: Calls,
-    pulled: Arc<AtomicUsize>,
-    yielded: Arc<AtomicUsize>,
-    lookahead: Arc<AtomicUsize>,
-    /// Set once the consumer saw this map's error or end, or dropped it.
-    over: Arc<AtomicBool>,
-    started_after_over: Arc<AtomicUsize>,
+    /// Its `over` is set once the consumer saw this map's error or end, or
+    /// dropped it.
+    map: variants::Probe,
     log: Arc<Mutex<Vec<Seen>>>,
     ended: Arc<AtomicBool>,
 }
@@ -316,129 +243,22 @@ fn build(
     budget: &Arc<Semaphore>,
     token: &CancellationToken,
 ) -> BoxStream<'static, Seen> {
-    let map = &case.maps[m];
+    let drawn = &case.maps[m];
     let probe = &probes.maps[m];
-    let (tracker, pulled, yielded, lookahead) = (
-        probes.tracker.clone(),
-        probe.pulled.clone(),
-        probe.yielded.clone(),
-        probe.lookahead.clone(),
+    let for_units = drawn.clone();
+    let with = With {
+        tracker: &probes.tracker,
+        budget: Some((budget, &probes.budget_calls)),
+        timeout: case.deadline.duration(case.real),
+        token,
+        real: case.real,
+    };
+    let results = variants::build(
+        &drawn.map,
+        move |index| for_units.units(index),
+        &probe.map,
+        &with,
     );
-    let input = stream::iter(0..map.len).map(move |index| {
-        let now = pulled.fetch_add(1, Ordering::SeqCst) + 1;
-        lookahead.fetch_max(now - yielded.load(Ordering::SeqCst), Ordering::SeqCst);
-        tracker.track(index)
-    });
-
-    let (calls, all, outputs, over, late) = (
-        probe.calls.clone(),
-        probes.budget_calls.clone(),
-        probes.tracker.clone(),
-        probe.over.clone(),
-        probe.started_after_over.clone(),
-    );
-    let failure = map.failure;
-    let enter = move |item: &Tracked| -> (Running, Running) {
-        if over.load(Ordering::SeqCst) {
-            late.fetch_add(1, Ordering::SeqCst);
-        }
-        (calls.enter(item.value), all.enter(item.value))
-    };
-    let finish = move |item: Tracked| -> Result<Tracked, TestError> {
-        match failure {
-            Some((index, FailKind::Panic)) if index == item.value => panic!("item {index} panics"),
-            Some((index, FailKind::Err)) if index == item.value => Err(TestError::Mine(index)),
-            _ => Ok(outputs.track(item.value * 2 + 1)),
-        }
-    };
-    let for_units = map.clone();
-    let units = move |index: usize| for_units.units(index);
-    let (real, deadline) = (case.real, case.deadline.duration(case.real));
-
-    macro_rules! configure {
-        ($stream:expr) => {{
-            let mut stream = $stream.semaphore(budget.clone());
-            if let Some(window) = map.window {
-                stream = stream.window(window);
-            }
-            if let Some(deadline) = deadline {
-                stream = stream.timeout(deadline);
-            }
-            stream.cancel_token(token.clone())
-        }};
-    }
-    macro_rules! batched {
-        ($stream:expr) => {
-            configure!($stream.batch(map.batch))
-        };
-    }
-
-    let results = if map.blocking {
-        let mapper = move |item: Tracked| {
-            let _running = enter(&item);
-            let spin = Duration::from_micros(units(item.value));
-            let start = std::time::Instant::now();
-            while start.elapsed() < spin && !par_imap::is_cancelled() {
-                std::thread::sleep(Duration::from_micros(20).min(spin));
-            }
-            finish(item)
-        };
-        let plain = {
-            let mapper = mapper.clone();
-            move |item: Tracked| mapper(item).map_err(|_| unreachable!("plain maps only panic"))
-        };
-        match (map.ordered, map.fallible) {
-            (true, true) => batched!(input.try_par_imap(map.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (false, true) => batched!(input.try_par_imap_unordered(map.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (true, false) => batched!(input.par_imap(map.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-            (false, false) => batched!(input.par_imap_unordered(map.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-        }
-    } else {
-        let mapper = move |item: Tracked| {
-            let running = enter(&item);
-            let units = units(item.value);
-            let wait = if real {
-                Duration::from_micros(units)
-            } else {
-                Duration::from_millis(units)
-            };
-            let finish = finish.clone();
-            async move {
-                let _running = running;
-                tokio::time::sleep(wait).await;
-                finish(item)
-            }
-        };
-        let plain = {
-            let mapper = mapper.clone();
-            move |item: Tracked| {
-                let call = mapper(item);
-                async move { call.await.map_err(|_| ()) }
-            }
-        };
-        match (map.ordered, map.fallible) {
-            (true, true) => configure!(input.try_par_imap_async(map.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (false, true) => configure!(input.try_par_imap_async_unordered(map.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (true, false) => configure!(input.par_imap_async(map.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-            (false, false) => configure!(input.par_imap_async_unordered(map.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-        }
-    };
     logged(results, probe.clone())
 }
 
@@ -448,14 +268,14 @@ fn logged(mut results: BoxStream<'static, Seen>, probe: Probe) -> BoxStream<'sta
         let next = results.poll_next_unpin(cx);
         match &next {
             std::task::Poll::Ready(Some(seen)) => {
-                probe.yielded.fetch_add(1, Ordering::SeqCst);
+                probe.map.yielded.fetch_add(1, Ordering::SeqCst);
                 if matches!(seen, Seen::Failed { .. }) {
-                    probe.over.store(true, Ordering::SeqCst);
+                    probe.map.over.store(true, Ordering::SeqCst);
                 }
                 probe.log.lock().unwrap().push(seen.clone());
             }
             std::task::Poll::Ready(None) => {
-                probe.over.store(true, Ordering::SeqCst);
+                probe.map.over.store(true, Ordering::SeqCst);
                 probe.ended.store(true, Ordering::SeqCst);
             }
             std::task::Poll::Pending => {}
@@ -560,7 +380,8 @@ async fn consume(case: &Case, probes: &Probes, budget: &Arc<Semaphore>) -> Outco
 
 /// Checks every invariant of one map, after the case ran.
 fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> {
-    let map = &case.maps[m];
+    let drawn = &case.maps[m];
+    let map = &drawn.map;
     let out = probe.log.lock().unwrap().clone();
     let expected = |index: usize| index * 2 + 1;
     let cancelled_here = case.cancel.is_some_and(|(target, _)| target == m);
@@ -592,7 +413,7 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
                     }
         });
         let timeout =
-            kind == "timeout" && (map.outlier == Some(index) || case.deadline == Deadline::Zero);
+            kind == "timeout" && (drawn.outlier == Some(index) || case.deadline == Deadline::Zero);
         // Cancellation names the lowest index never yielded, in both orders.
         let cancelled = cancelled_here && kind == "cancelled" && index == lowest_unyielded;
         failure || timeout || cancelled
@@ -618,7 +439,7 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
             }
         }
         if ran_to_end {
-            match (map.failing_index(), case.deadline) {
+            match (drawn.failing_index(), case.deadline) {
                 (_, Deadline::Zero) => {
                     if errors.is_empty() {
                         prop_assert_eq!(out.len(), map.len, "map {}: every item", m);
@@ -647,7 +468,7 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
             "map {m}: foreign item"
         );
         if ran_to_end {
-            if map.failing_index().is_some() {
+            if drawn.failing_index().is_some() {
                 prop_assert_eq!(errors.len(), 1, "map {}: the failure comes out", m);
             } else if case.deadline != Deadline::Zero || errors.is_empty() {
                 prop_assert_eq!(yielded.len(), map.len, "map {}: every item", m);
@@ -655,21 +476,21 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
         }
     }
     prop_assert!(
-        probe.calls.peak() <= map.limit,
+        probe.map.calls.peak() <= map.limit,
         "map {m}: peak {} > limit {}",
-        probe.calls.peak(),
+        probe.map.calls.peak(),
         map.limit
     );
     prop_assert!(
-        probe.lookahead.load(Ordering::SeqCst) <= map.window(),
+        probe.map.lookahead.load(Ordering::SeqCst) <= map.window(),
         "map {m}: lookahead {} > window {}",
-        probe.lookahead.load(Ordering::SeqCst),
+        probe.map.lookahead.load(Ordering::SeqCst),
         map.window()
     );
     // A worker may be between taking a queued call and entering the mapper
     // when the map ends, and on a multi-thread runtime a task may be
     // entering its mapper as it is aborted: at most one per slot.
-    let late = probe.started_after_over.load(Ordering::SeqCst);
+    let late = probe.map.started_after_over.load(Ordering::SeqCst);
     if case.real {
         prop_assert!(
             late <= map.limit,

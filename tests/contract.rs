@@ -47,12 +47,13 @@ impl From<par_imap::Error> for Mine {
 
 // ---- 1. a shared budget: a permit is held only by a running call ----
 
-#[tokio::test(start_paused = true)]
-async fn idle_map_holds_no_permit_of_shared_budget() {
-    let budget = Arc::new(Semaphore::new(1));
-    let mut results = stream::iter(0..20_u64)
-        .par_imap_async(2, |n| async move { n })
-        .semaphore(budget.clone());
+/// Takes item 0 of a map of `0..20` on the one-permit `budget`, checks that
+/// the map, idle, leaves the permit free, then takes the rest. The map
+/// stays the caller's: ended, not dropped.
+async fn idle_map_leaves_the_permit(
+    results: &mut (impl Stream<Item = Result<u64, par_imap::Error>> + Unpin),
+    budget: &Semaphore,
+) {
     assert_eq!(results.next().await.unwrap().unwrap(), 0);
     // The map is not polled now: nothing of it may sit on the one permit.
     let permit = timeout(BOUND, budget.acquire()).await;
@@ -67,6 +68,15 @@ async fn idle_map_holds_no_permit_of_shared_budget() {
         .expect("the map hung")
         .unwrap();
     assert_eq!(rest, (1..20).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_map_holds_no_permit_of_shared_budget() {
+    let budget = Arc::new(Semaphore::new(1));
+    let mut results = stream::iter(0..20_u64)
+        .par_imap_async(2, |n| async move { n })
+        .semaphore(budget.clone());
+    idle_map_leaves_the_permit(&mut results, &budget).await;
     assert_eq!(budget.available_permits(), 1);
 }
 
@@ -76,30 +86,15 @@ async fn idle_blocking_map_holds_no_permit_of_shared_budget() {
     let mut results = stream::iter(0..20_u64)
         .par_imap(2, |n| n)
         .semaphore(budget.clone());
-    assert_eq!(results.next().await.unwrap().unwrap(), 0);
-    let permit = timeout(BOUND, budget.acquire()).await;
-    assert!(
-        permit.is_ok(),
-        "an idle map keeps the budget: {} available",
-        budget.available_permits()
-    );
-    drop(permit);
-    let rest: Vec<u64> = timeout(BOUND, results.try_collect())
-        .await
-        .expect("the map hung")
-        .unwrap();
-    assert_eq!(rest, (1..20).collect::<Vec<_>>());
+    idle_map_leaves_the_permit(&mut results, &budget).await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn ended_try_map_holds_no_permit_of_shared_budget() {
-    let budget = Arc::new(Semaphore::new(1));
-    let mut results = stream::iter(0..20_usize)
-        .try_par_imap_async(
-            2,
-            |n| async move { if n == 0 { Err(Mine(0)) } else { Ok(n) } },
-        )
-        .semaphore(budget.clone());
+/// Runs a map on the one-permit `budget` to its end, item 0's failure, and
+/// checks that the map, ended, leaves the permit free.
+async fn ended_map_leaves_the_permit(
+    mut results: impl Stream<Item = Result<usize, Mine>> + Unpin,
+    budget: &Semaphore,
+) {
     assert_eq!(results.next().await.unwrap(), Err(Mine(0)));
     assert!(results.next().await.is_none());
     // Ended, not dropped: it holds no permit, now or later.
@@ -111,20 +106,25 @@ async fn ended_try_map_holds_no_permit_of_shared_budget() {
     assert_eq!(budget.available_permits(), 1);
 }
 
+#[tokio::test(start_paused = true)]
+async fn ended_try_map_holds_no_permit_of_shared_budget() {
+    let budget = Arc::new(Semaphore::new(1));
+    let results = stream::iter(0..20_usize)
+        .try_par_imap_async(
+            2,
+            |n| async move { if n == 0 { Err(Mine(0)) } else { Ok(n) } },
+        )
+        .semaphore(budget.clone());
+    ended_map_leaves_the_permit(results, &budget).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_blocking_try_map_holds_no_permit_of_shared_budget() {
     let budget = Arc::new(Semaphore::new(1));
-    let mut results = stream::iter(0..20_usize)
+    let results = stream::iter(0..20_usize)
         .try_par_imap(2, |n| if n == 0 { Err(Mine(0)) } else { Ok(n) })
         .semaphore(budget.clone());
-    assert_eq!(results.next().await.unwrap(), Err(Mine(0)));
-    assert!(results.next().await.is_none());
-    assert!(
-        timeout(BOUND, budget.acquire()).await.is_ok(),
-        "an ended map keeps the budget: {} available",
-        budget.available_permits()
-    );
-    assert_eq!(budget.available_permits(), 1);
+    ended_map_leaves_the_permit(results, &budget).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -185,17 +185,16 @@ async fn zip_of_a_failing_map_and_an_empty_map_on_one_permit_does_not_hang() {
     assert_eq!(budget.available_permits(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zip_of_two_async_maps_on_one_permit_budget_does_not_hang_on_a_multi_thread_runtime() {
-    // The issue saw this hang about two runs in three: 20 rounds.
+/// Zips `map(budget, 0)` and `map(budget, 100)`, maps of `0..30` adding
+/// their offset, on a fresh one-permit budget, 20 rounds: the issue saw
+/// this hang about two runs in three.
+async fn zip_two_maps_on_one_permit<S>(map: impl Fn(&Arc<Semaphore>, u64) -> S)
+where
+    S: Stream<Item = Result<u64, par_imap::Error>>,
+{
     for round in 0..20_u64 {
         let budget = Arc::new(Semaphore::new(1));
-        let map = |offset: u64| {
-            stream::iter(0..30_u64)
-                .par_imap_async(2, move |n| async move { n + offset })
-                .semaphore(budget.clone())
-        };
-        let pairs: Vec<_> = timeout(BOUND, map(0).zip(map(100)).collect())
+        let pairs: Vec<_> = timeout(BOUND, map(&budget, 0).zip(map(&budget, 100)).collect())
             .await
             .unwrap_or_else(|_| panic!("zip hung in round {round}"));
         assert_eq!(pairs.len(), 30);
@@ -207,64 +206,62 @@ async fn zip_of_two_async_maps_on_one_permit_budget_does_not_hang_on_a_multi_thr
             "the budget never came back"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zip_of_two_async_maps_on_one_permit_budget_does_not_hang_on_a_multi_thread_runtime() {
+    zip_two_maps_on_one_permit(|budget, offset| {
+        stream::iter(0..30_u64)
+            .par_imap_async(2, move |n| async move { n + offset })
+            .semaphore(budget.clone())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zip_of_two_blocking_maps_on_one_permit_budget_does_not_hang() {
-    // The issue saw this hang about two runs in three: 20 rounds.
-    for round in 0..20_u64 {
-        let budget = Arc::new(Semaphore::new(1));
-        let map = |offset: u64| {
-            stream::iter(0..30_u64)
-                .par_imap(2, move |n| n + offset)
-                .semaphore(budget.clone())
-        };
-        let pairs: Vec<_> = timeout(BOUND, map(0).zip(map(100)).collect())
-            .await
-            .unwrap_or_else(|_| panic!("zip hung in round {round}"));
-        assert_eq!(pairs.len(), 30);
-        for (n, (a, b)) in pairs.into_iter().enumerate() {
-            assert_eq!((a.unwrap(), b.unwrap()), (n as u64, n as u64 + 100));
-        }
-        assert!(
-            within_bound(|| budget.available_permits() == 1),
-            "the budget never came back"
-        );
-    }
+    zip_two_maps_on_one_permit(|budget, offset| {
+        stream::iter(0..30_u64)
+            .par_imap(2, move |n| n + offset)
+            .semaphore(budget.clone())
+    })
+    .await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn consumer_taking_a_permit_between_items_does_not_hang() {
-    let budget = Arc::new(Semaphore::new(1));
-    let mut results = stream::iter(0..20_u64)
-        .par_imap_async(2, |n| async move { n })
-        .semaphore(budget.clone());
+/// Takes every item of a map on `budget`, handling each with a permit of
+/// that same budget; returns the items handled.
+async fn handle_with_a_permit_of_the_budget(
+    mut results: impl Stream<Item = Result<u64, par_imap::Error>> + Unpin,
+    budget: &Semaphore,
+) -> Vec<u64> {
     let mut handled = Vec::new();
     while let Some(result) = timeout(BOUND, results.next()).await.expect("the map hung") {
-        // Handling a result takes a permit of the same budget.
         let _permit = timeout(BOUND, budget.acquire())
             .await
             .expect("the consumer never got a permit")
             .unwrap();
         handled.push(result.unwrap());
     }
+    handled
+}
+
+#[tokio::test(start_paused = true)]
+async fn consumer_taking_a_permit_between_items_does_not_hang() {
+    let budget = Arc::new(Semaphore::new(1));
+    let results = stream::iter(0..20_u64)
+        .par_imap_async(2, |n| async move { n })
+        .semaphore(budget.clone());
+    let handled = handle_with_a_permit_of_the_budget(results, &budget).await;
     assert_eq!(handled, (0..20).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_taking_a_permit_between_blocking_items_does_not_hang() {
     let budget = Arc::new(Semaphore::new(1));
-    let mut results = stream::iter(0..50_u64)
+    let results = stream::iter(0..50_u64)
         .par_imap(2, |n| n)
         .semaphore(budget.clone());
-    let mut handled = Vec::new();
-    while let Some(result) = timeout(BOUND, results.next()).await.expect("the map hung") {
-        let _permit = timeout(BOUND, budget.acquire())
-            .await
-            .expect("the consumer never got a permit")
-            .unwrap();
-        handled.push(result.unwrap());
-    }
+    let handled = handle_with_a_permit_of_the_budget(results, &budget).await;
     assert_eq!(handled, (0..50).collect::<Vec<_>>());
 }
 
@@ -375,31 +372,32 @@ async fn unordered_cancel_never_names_a_yielded_index() {
 
 // ---- 5. with .batch(k), the timeout is per item ----
 
+/// Maps `0..4` with `mapper`, limit 1, all four items in one call
+/// (`.batch(4)`), each with the deadline `per_item`; in input order or not.
+async fn one_call_of_four(
+    unordered: bool,
+    mapper: impl Fn(usize) -> usize + Send + Sync + 'static,
+    per_item: Duration,
+) -> Vec<Result<usize, par_imap::Error>> {
+    let input = stream::iter(0..4_usize);
+    let results = if unordered {
+        input.par_imap_unordered(1, mapper)
+    } else {
+        input.par_imap(1, mapper)
+    };
+    results.batch(4).timeout(per_item).collect().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_timeout_is_per_item_and_delivers_earlier_items() {
     // One call maps all four items, 400 ms each: 1.6 s for the call, far
     // within the 1 s deadline for each item.
     for unordered in [false, true] {
-        let results = stream::iter(0..4_usize);
         let slow = |n: usize| {
             std::thread::sleep(Duration::from_millis(400));
             n
         };
-        let out: Vec<_> = if unordered {
-            results
-                .par_imap_unordered(1, slow)
-                .batch(4)
-                .timeout(Duration::from_secs(1))
-                .collect()
-                .await
-        } else {
-            results
-                .par_imap(1, slow)
-                .batch(4)
-                .timeout(Duration::from_secs(1))
-                .collect()
-                .await
-        };
+        let out = one_call_of_four(unordered, slow, Duration::from_secs(1)).await;
         let out: Vec<_> = out
             .into_iter()
             .map(|result| result.map_err(|error| error.to_string()))
@@ -425,22 +423,7 @@ async fn batch_timeout_names_the_hung_item_not_the_first_of_its_call() {
             }
             n
         };
-        let results = stream::iter(0..4_usize);
-        let out: Vec<_> = if unordered {
-            results
-                .par_imap_unordered(1, mapper)
-                .batch(4)
-                .timeout(Duration::from_millis(300))
-                .collect()
-                .await
-        } else {
-            results
-                .par_imap(1, mapper)
-                .batch(4)
-                .timeout(Duration::from_millis(300))
-                .collect()
-                .await
-        };
+        let out = one_call_of_four(unordered, mapper, Duration::from_millis(300)).await;
         let (error, values) = out.split_last().expect("something comes out");
         let error = error.as_ref().unwrap_err();
         assert!(error.is_timeout(), "{error}");

@@ -71,6 +71,25 @@ fn live() -> isize {
     LIVE.load(Ordering::Relaxed)
 }
 
+/// Runs `test` on a fresh runtime, on `workers` threads or the current
+/// one, while no other test runs. The runtime is built once the others are
+/// done: its heap would count in their growth.
+fn alone(workers: Option<usize>, test: impl Future<Output = ()>) {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let runtime = match workers {
+        Some(workers) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    runtime.unwrap().block_on(test);
+}
+
 /// Far more than any fixed-size state, far less than the megabytes a
 /// per-item leak adds over the run.
 const MAX_GROWTH: isize = 256 * 1024;
@@ -148,23 +167,23 @@ fn open(gate: &Gate) {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// The growth from item 20k to 200k of an unordered async map, limit 4,
+/// whose item 0 is stuck all along; with a per-item `timeout` or none.
+async fn unordered_async_growth(timeout: Option<Duration>) -> isize {
+    let (gate, mapper) = stuck_head_async();
+    let mut results = stream::iter(0..usize::MAX).par_imap_async_unordered(4, mapper);
+    if let Some(timeout) = timeout {
+        results = results.timeout(timeout);
+    }
+    let grew = growth(results.boxed(), 20_000, 200_000).await;
+    let _ = gate.send(());
+    grew
+}
+
 #[test]
 fn unordered_timeout_memory_stays_flat_with_a_stuck_early_item() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (gate, mapper) = stuck_head_async();
-        let results = stream::iter(0..usize::MAX)
-            .par_imap_async_unordered(4, mapper)
-            .timeout(HOUR)
-            .boxed();
-        let grew = growth(results, 20_000, 200_000).await;
-        let _ = gate.send(());
+    alone(None, async {
+        let grew = unordered_async_growth(Some(HOUR)).await;
         assert!(
             grew < MAX_GROWTH,
             "live heap grew by {grew} bytes from item 20k to 200k"
@@ -176,15 +195,7 @@ fn unordered_timeout_memory_stays_flat_with_a_stuck_early_item() {
 fn unordered_memory_stays_flat_with_every_option_and_a_stuck_early_item() {
     // Async with a shared budget; blocking, one item per call and batched;
     // each with a timeout, the option that leaked.
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    alone(Some(2), async {
         let budget = Arc::new(Semaphore::new(3));
         let (gate, mapper) = stuck_head_async();
         let results = stream::iter(0..usize::MAX)
@@ -223,20 +234,8 @@ fn unordered_memory_stays_flat_with_every_option_and_a_stuck_early_item() {
 fn unordered_memory_without_timeout_stays_flat_with_a_stuck_early_item() {
     // The control: the same run without `.timeout` was flat before the fix;
     // it shows the measure itself does not drift.
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let (gate, mapper) = stuck_head_async();
-        let results = stream::iter(0..usize::MAX)
-            .par_imap_async_unordered(4, mapper)
-            .boxed();
-        let grew = growth(results, 20_000, 200_000).await;
-        let _ = gate.send(());
+    alone(None, async {
+        let grew = unordered_async_growth(None).await;
         assert!(grew < MAX_GROWTH, "live heap grew by {grew} bytes");
     });
 }

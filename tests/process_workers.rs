@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::{Calls, eventually};
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use par_imap::process::{self, ProcessError};
 use tokio::process::Command;
@@ -112,12 +112,11 @@ async fn child_killed_by_sigkill_is_an_error_at_its_index() {
     killed_by_own_signal_is_an_error_at_its_index("KILL", 9).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hanging_child_is_killed_at_its_timeout() {
-    let hung = marker();
-    let name = hung.clone();
+/// Runs `command()` as the one call of a map with a 300 ms timeout, and
+/// checks that the call times out. Returns the map, ended, not dropped.
+async fn timed_out(command: impl Fn() -> Command + Send + Sync + 'static) -> impl Stream {
     let mut results = stream::iter([0])
-        .try_par_imap_async(1, move |_: i32| process::output(sleep(&name), Vec::new()))
+        .try_par_imap_async(1, move |_: i32| process::output(command(), Vec::new()))
         .timeout(Duration::from_millis(300));
     let error = tokio::time::timeout(Duration::from_secs(20), results.next())
         .await
@@ -125,6 +124,14 @@ async fn hanging_child_is_killed_at_its_timeout() {
         .unwrap()
         .unwrap_err();
     assert!(error.is_timeout(), "{error}");
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_child_is_killed_at_its_timeout() {
+    let hung = marker();
+    let name = hung.clone();
+    let _results = timed_out(move || sleep(&name)).await;
     eventually("the hung child to be killed", || running_with(&hung) == 0);
 }
 
@@ -135,15 +142,7 @@ async fn hanging_child_is_killed_at_its_timeout() {
 async fn timeout_kills_the_childs_whole_process_group() {
     let grandchild = marker();
     let script = format!("sleep {grandchild}; echo never");
-    let mut results = stream::iter([0])
-        .try_par_imap_async(1, move |_: i32| process::output(shell(&script), Vec::new()))
-        .timeout(Duration::from_millis(300));
-    let error = tokio::time::timeout(Duration::from_secs(20), results.next())
-        .await
-        .expect("the timeout fires")
-        .unwrap()
-        .unwrap_err();
-    assert!(error.is_timeout(), "{error}");
+    let results = timed_out(move || shell(&script)).await;
     drop(results);
     eventually("the shell's grandchild to be killed", || {
         running_with(&grandchild) == 0

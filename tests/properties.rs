@@ -14,24 +14,19 @@
 //! `PAR_IMAP_CASES` sets the number of cases per mode (default 256, what CI
 //! runs); a long local run: `PAR_IMAP_CASES=20000 cargo test --release --test properties`.
 mod common;
+#[path = "common/variants.rs"]
+mod variants;
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{Calls, Tracked, Tracker};
+use common::Tracker;
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{StreamExt, stream};
-use par_imap::ParImapExt;
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FailKind {
-    Err,
-    Panic,
-}
+use variants::{FailKind, Map, Seen, With};
 
 #[derive(Debug, Clone, Copy)]
 enum Pattern {
@@ -44,15 +39,8 @@ enum Pattern {
 
 #[derive(Debug, Clone)]
 struct Case {
-    len: usize,
-    limit: usize,
-    window: Option<usize>,
-    batch: usize,
-    ordered: bool,
-    blocking: bool,
-    fallible: bool,
+    map: Map,
     pattern: Pattern,
-    failure: Option<(usize, FailKind)>,
     drop_after: Option<usize>,
     cancel_after: Option<usize>,
     /// The index of the one item too slow for the timeout.
@@ -74,14 +62,10 @@ impl Case {
         }
     }
 
-    fn window(&self) -> usize {
-        self.window.unwrap_or(2 * self.limit * self.batch)
-    }
-
     /// The first index the map must fail at, if it runs to its end: the
     /// lowest of the failure and the timed-out item.
     fn failing_index(&self) -> Option<usize> {
-        let failure = self.failure.map(|(index, _)| index);
+        let failure = self.map.failure.map(|(index, _)| index);
         match (failure, self.timeout_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -126,25 +110,19 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
                 cancel_after,
                 timeout_at,
             )| {
-                let pick = |index: prop::sample::Index| (len > 0).then(|| index.index(len));
+                let pick = |index| variants::pick(index, len);
                 Case {
-                    len,
-                    limit,
-                    window: extra.map(|extra| limit + extra * limit),
-                    batch,
-                    ordered,
-                    blocking,
-                    fallible,
+                    map: Map {
+                        len,
+                        limit,
+                        window: extra.map(|extra| limit + extra * limit),
+                        batch,
+                        ordered,
+                        blocking,
+                        fallible,
+                        failure: variants::failure(failure, len, fallible),
+                    },
                     pattern,
-                    failure: failure.and_then(|(index, err)| {
-                        // Plain variants fail only by panicking.
-                        let kind = if err && fallible {
-                            FailKind::Err
-                        } else {
-                            FailKind::Panic
-                        };
-                        pick(index).map(|index| (index, kind))
-                    }),
                     drop_after: drop_after.and_then(pick),
                     cancel_after: cancel_after.and_then(pick),
                     // DESIGN.md: the deadline is per item, also inside a batch.
@@ -154,187 +132,36 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
         )
 }
 
-/// What the consumer saw, one entry per item.
-#[derive(Debug, Clone, PartialEq)]
-enum Seen {
-    Value(usize),
-    Failed { index: usize, kind: &'static str },
-}
-
-#[derive(Debug)]
-enum TestError {
-    Mine(usize),
-    Machinery(par_imap::Error),
-}
-
-impl From<par_imap::Error> for TestError {
-    fn from(error: par_imap::Error) -> Self {
-        TestError::Machinery(error)
-    }
-}
-
-fn seen(result: Result<Tracked, TestError>) -> Seen {
-    match result {
-        Ok(output) => Seen::Value(output.value),
-        Err(TestError::Mine(index)) => Seen::Failed { index, kind: "err" },
-        Err(TestError::Machinery(error)) => Seen::Failed {
-            index: error.index(),
-            kind: if error.is_panic() {
-                "panic"
-            } else if error.is_timeout() {
-                "timeout"
-            } else {
-                "cancelled"
-            },
-        },
-    }
-}
-
-/// What the consumer saw, from a plain variant (whose mapper only panics).
-fn seen_plain(result: Result<Result<Tracked, ()>, par_imap::Error>) -> Seen {
-    seen(
-        result
-            .map_err(TestError::from)
-            .map(|ok| ok.expect("plain cases only panic")),
-    )
-}
-
-/// Everything a case's mapper and input report.
+/// Everything a case's input and mapper report.
 #[derive(Clone, Default)]
 struct Probe {
     tracker: Tracker,
-    calls: Calls,
-    pulled: Arc<AtomicUsize>,
-    yielded: Arc<AtomicUsize>,
-    lookahead: Arc<AtomicUsize>,
-    /// Set once the consumer saw the end or dropped the stream.
-    over: Arc<AtomicBool>,
-    started_after_over: Arc<AtomicUsize>,
+    map: variants::Probe,
 }
 
 /// The per-item timeout, when a case has one: far above every item's time
 /// (µs blocking, ms async) but the slow one's.
 const TIMEOUT_UNITS: u64 = 200;
 
-/// Builds the stream of `case` over tracked inputs, normalised to one item type.
+/// Builds the stream of `case` over tracked inputs, normalised to one item
+/// type. Async cases run in paused time.
 fn build(case: &Case, probe: &Probe, token: &CancellationToken) -> BoxStream<'static, Seen> {
-    let (tracker, pulled, yielded, lookahead) = (
-        probe.tracker.clone(),
-        probe.pulled.clone(),
-        probe.yielded.clone(),
-        probe.lookahead.clone(),
-    );
-    let input = stream::iter(0..case.len).map(move |index| {
-        let now = pulled.fetch_add(1, Ordering::SeqCst) + 1;
-        lookahead.fetch_max(now - yielded.load(Ordering::SeqCst), Ordering::SeqCst);
-        tracker.track(index)
-    });
-
-    // The mapper's body, shared by every variant: records the call, takes its
-    // time, fails where the case says so.
-    let (calls, outputs, over, late) = (
-        probe.calls.clone(),
-        probe.tracker.clone(),
-        probe.over.clone(),
-        probe.started_after_over.clone(),
-    );
-    let failure = case.failure;
-    let enter = move |item: &Tracked| {
-        if over.load(Ordering::SeqCst) {
-            late.fetch_add(1, Ordering::SeqCst);
-        }
-        calls.enter(item.value)
+    let for_units = case.clone();
+    let with = With {
+        tracker: &probe.tracker,
+        budget: None,
+        timeout: case
+            .timeout_at
+            .map(|_| Duration::from_millis(TIMEOUT_UNITS)),
+        token,
+        real: false,
     };
-    let finish = move |item: Tracked| -> Result<Tracked, TestError> {
-        match failure {
-            Some((index, FailKind::Panic)) if index == item.value => panic!("item {index} panics"),
-            Some((index, FailKind::Err)) if index == item.value => Err(TestError::Mine(index)),
-            _ => Ok(outputs.track(item.value * 2 + 1)),
-        }
-    };
-    let case_for_units = case.clone();
-    let units = move |index: usize| case_for_units.units(index);
-
-    macro_rules! configure {
-        ($stream:expr) => {{
-            let mut stream = $stream;
-            if let Some(window) = case.window {
-                stream = stream.window(window);
-            }
-            if case.timeout_at.is_some() {
-                stream = stream.timeout(Duration::from_millis(TIMEOUT_UNITS));
-            }
-            stream.cancel_token(token.clone())
-        }};
-    }
-    macro_rules! batched {
-        ($stream:expr) => {
-            configure!($stream.batch(case.batch))
-        };
-    }
-
-    if case.blocking {
-        let mapper = move |item: Tracked| {
-            let _running = enter(&item);
-            let spin = Duration::from_micros(units(item.value));
-            let start = std::time::Instant::now();
-            // Busy for its time, or until nobody wants it (a timeout).
-            while start.elapsed() < spin && !par_imap::is_cancelled() {
-                std::thread::sleep(Duration::from_micros(20).min(spin));
-            }
-            finish(item)
-        };
-        let plain = {
-            let mapper = mapper.clone();
-            move |item: Tracked| mapper(item).map_err(|_| unreachable!("plain cases only panic"))
-        };
-        match (case.ordered, case.fallible) {
-            (true, true) => batched!(input.try_par_imap(case.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (false, true) => batched!(input.try_par_imap_unordered(case.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (true, false) => batched!(input.par_imap(case.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-            (false, false) => batched!(input.par_imap_unordered(case.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-        }
-    } else {
-        let mapper = move |item: Tracked| {
-            let running = enter(&item);
-            let wait = Duration::from_millis(units(item.value));
-            let finish = finish.clone();
-            async move {
-                let _running = running;
-                tokio::time::sleep(wait).await;
-                finish(item)
-            }
-        };
-        let plain = {
-            let mapper = mapper.clone();
-            move |item: Tracked| {
-                let call = mapper(item);
-                async move { call.await.map_err(|_| ()) }
-            }
-        };
-        match (case.ordered, case.fallible) {
-            (true, true) => configure!(input.try_par_imap_async(case.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (false, true) => configure!(input.try_par_imap_async_unordered(case.limit, mapper))
-                .map(seen)
-                .boxed(),
-            (true, false) => configure!(input.par_imap_async(case.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-            (false, false) => configure!(input.par_imap_async_unordered(case.limit, plain))
-                .map(seen_plain)
-                .boxed(),
-        }
-    }
+    variants::build(
+        &case.map,
+        move |index| for_units.units(index),
+        &probe.map,
+        &with,
+    )
 }
 
 /// Runs the consumer: takes items until the end, or drops the stream after
@@ -352,14 +179,14 @@ async fn consume(case: &Case, probe: &Probe) -> Vec<Seen> {
         }
         match results.next().await {
             Some(item) => {
-                probe.yielded.fetch_add(1, Ordering::SeqCst);
+                probe.map.yielded.fetch_add(1, Ordering::SeqCst);
                 out.push(item);
             }
             None => break,
         }
     }
     drop(results);
-    probe.over.store(true, Ordering::SeqCst);
+    probe.map.over.store(true, Ordering::SeqCst);
     out
 }
 
@@ -376,7 +203,7 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
     }
     let stopped_early = case.drop_after.is_some() || case.cancel_after.is_some();
     let kind_allowed = |index: usize, kind: &str| -> bool {
-        let failure = case.failure.is_some_and(|(at, fail)| {
+        let failure = case.map.failure.is_some_and(|(at, fail)| {
             at == index
                 && kind
                     == if fail == FailKind::Err {
@@ -390,7 +217,7 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
         failure || timeout || cancelled
     };
 
-    if case.ordered {
+    if case.map.ordered {
         for (position, seen) in out.iter().enumerate() {
             match seen {
                 Seen::Value(value) => prop_assert_eq!(*value, expected(position), "input order"),
@@ -410,7 +237,7 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
                         out.last()
                     );
                 }
-                None => prop_assert_eq!(out.len(), case.len, "every item"),
+                None => prop_assert_eq!(out.len(), case.map.len, "every item"),
             }
         }
     } else {
@@ -419,7 +246,7 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
             match seen {
                 Seen::Value(value) => {
                     prop_assert!(
-                        value % 2 == 1 && value / 2 < case.len,
+                        value % 2 == 1 && value / 2 < case.map.len,
                         "foreign item {value}"
                     );
                     prop_assert!(values.insert(*value), "duplicate {value}");
@@ -430,7 +257,7 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
             }
         }
         if !stopped_early && case.failing_index().is_none() {
-            prop_assert_eq!(values.len(), case.len, "every item");
+            prop_assert_eq!(values.len(), case.map.len, "every item");
         }
         if !stopped_early && case.failing_index().is_some() {
             prop_assert_eq!(errors.len(), 1, "the failure comes out");
@@ -438,16 +265,16 @@ fn check(case: &Case, probe: &Probe, out: &[Seen]) -> Result<(), TestCaseError> 
     }
 
     prop_assert!(
-        probe.calls.peak() <= case.limit,
+        probe.map.calls.peak() <= case.map.limit,
         "peak {} > limit {}",
-        probe.calls.peak(),
-        case.limit
+        probe.map.calls.peak(),
+        case.map.limit
     );
     prop_assert!(
-        probe.lookahead.load(Ordering::SeqCst) <= case.window(),
+        probe.map.lookahead.load(Ordering::SeqCst) <= case.map.window(),
         "lookahead {} > window {}",
-        probe.lookahead.load(Ordering::SeqCst),
-        case.window()
+        probe.map.lookahead.load(Ordering::SeqCst),
+        case.map.window()
     );
     Ok(())
 }
@@ -480,8 +307,8 @@ proptest! {
         // Aborted tasks are dropped by the runtime: let it run once more.
         runtime.block_on(tokio::task::yield_now());
         drop(runtime);
-        prop_assert_eq!(probe.started_after_over.load(Ordering::SeqCst), 0, "a call started after the end");
-        prop_assert_eq!(probe.calls.running(), 0);
+        prop_assert_eq!(probe.map.started_after_over.load(Ordering::SeqCst), 0, "a call started after the end");
+        prop_assert_eq!(probe.map.calls.running(), 0);
         prop_assert_eq!(probe.tracker.alive(), 0, "values never dropped");
     }
 
@@ -501,10 +328,10 @@ proptest! {
         check(&case, &probe, &out)?;
         // Blocking calls still running end on their own, and drop their output.
         probe.tracker.wait_all_dropped();
-        common::eventually("running calls to end", || probe.calls.running() == 0);
+        common::eventually("running calls to end", || probe.map.calls.running() == 0);
         // A worker may be between taking a queued call and entering the
         // mapper when the stream goes; no more than one per worker.
-        prop_assert!(probe.started_after_over.load(Ordering::SeqCst) <= case.limit);
+        prop_assert!(probe.map.started_after_over.load(Ordering::SeqCst) <= case.map.limit);
         drop(runtime);
     }
 }

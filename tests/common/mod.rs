@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests: gates that decide completion
 //! order, counters of running calls, and values that count their drops.
+//! (`variants.rs`, the property models' map builder, is a module of its
+//! own: it needs proptest, which services' tests, that include this one,
+//! do not have.)
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashSet;
