@@ -110,8 +110,9 @@ impl<U> Engine<U> {
         let results = Batch::Many(std::mem::take(earlier));
         match self.calls.complete_part(call, first, results) {
             Some(Part::GoesOn) => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
-            // An async call is aborted here; a blocking one runs on, its
-            // result dropped when it returns.
+            // Only blocking calls are timed out here (an async call keeps
+            // its own deadline): it runs on, its result dropped when it
+            // returns.
             Some(Part::Ended(running)) => self.disarm(call, Some(running)),
             None => {}
         }
