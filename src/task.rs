@@ -40,6 +40,13 @@ impl<T, F, U> fmt::Debug for Tasks<T, F, U> {
 }
 
 impl<T, F, U> Tasks<T, F, U> {
+    /// Aborts the running tasks of the calls from item `index` on.
+    fn abort_running(&self, index: usize) {
+        for report in self.running.iter().filter(|report| report.call >= index) {
+            report.handle.abort();
+        }
+    }
+
     pub(crate) fn new(mapper: F) -> Self {
         Tasks {
             mapper: Arc::new(mapper),
@@ -162,9 +169,7 @@ where
 
     /// One pass over the running tasks: only after a failure.
     fn abort_from(&mut self, index: usize) {
-        for report in self.running.iter().filter(|report| report.call >= index) {
-            report.handle.abort();
-        }
+        self.abort_running(index);
     }
 
     fn poll_report(&mut self, cx: &mut Context<'_>, _wait: bool) -> Poll<Event<T, Fut::Output>> {
@@ -184,8 +189,6 @@ where
 impl<T, F, U> Drop for Tasks<T, F, U> {
     /// Dropping the map aborts its running calls.
     fn drop(&mut self) {
-        for report in &self.running {
-            report.handle.abort();
-        }
+        self.abort_running(0);
     }
 }
