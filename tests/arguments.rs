@@ -7,11 +7,14 @@ use std::sync::{Arc, Mutex};
 use futures::stream;
 use par_imap::ParImapExt;
 
+/// The panic hook is process-wide: one test at a time may swap it, and a
+/// test that panics on purpose holds this too, so that its panic never
+/// reaches another test's hook.
+static HOOK: Mutex<()> = Mutex::new(());
+
 /// Runs `f`, which must panic, and returns the file of its panic location
 /// and its message.
 fn panic_site(f: impl FnOnce() + panic::UnwindSafe) -> (String, String) {
-    // The hook is process-wide: one test at a time may swap it.
-    static HOOK: Mutex<()> = Mutex::new(());
     let _hook = HOOK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let site = Arc::new(Mutex::new(None));
     let seen = site.clone();
@@ -77,9 +80,11 @@ async fn a_builder_method_after_the_first_poll_panics_at_the_callers_line() {
     use futures::StreamExt;
     let mut results = futures::stream::iter([1_u32, 2]).par_imap(2, |n| n);
     assert_eq!(results.next().await.unwrap().unwrap(), 1);
+    let hook = HOOK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let late = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         drop(results.keep_going());
     }));
+    drop(hook);
     let message = late.unwrap_err();
     let message = message.downcast_ref::<&str>().copied().unwrap_or_default();
     assert!(message.contains("before the first poll"), "{message}");
