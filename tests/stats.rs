@@ -3,7 +3,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gates, eventually};
+use common::{Gates, eventually, eventually_async};
 use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use tokio::time::sleep;
@@ -113,16 +113,7 @@ async fn in_flight_returns_to_zero_after_a_failure_aborts_running_async_calls() 
     let stats = results.stats();
     let all: Vec<_> = results.collect().await;
     assert!(all[0].as_ref().unwrap_err().is_panic());
-    // The aborted task is dropped on its runtime: let it run.
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
-    }
-    let done = stats.snapshot();
-    assert_eq!(
-        (done.started, done.completed, done.in_flight),
-        (2, 2, 0),
-        "{done:?}"
-    );
+    both_calls_end(&stats).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -136,13 +127,15 @@ async fn in_flight_returns_to_zero_after_the_stream_is_dropped_with_async_calls_
     let stats = results.stats();
     assert_eq!(results.next().await.unwrap().unwrap(), 0);
     drop(results);
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
-    }
-    let done = stats.snapshot();
-    assert_eq!(
-        (done.started, done.completed, done.in_flight),
-        (2, 2, 0),
-        "{done:?}"
-    );
+    both_calls_end(&stats).await;
+}
+
+/// Both calls of the map started and ended: an aborted task is dropped on
+/// its runtime, so this yields to it while it waits.
+async fn both_calls_end(stats: &par_imap::Stats) {
+    eventually_async("both calls to end", || {
+        let now = stats.snapshot();
+        (now.started, now.completed, now.in_flight) == (2, 2, 0)
+    })
+    .await;
 }
