@@ -31,23 +31,22 @@ impl<T> Batch<T> {
     }
 
     /// `items` (the first is item `first`) as at most `pieces` calls of about
-    /// the same size, in order.
-    pub(crate) fn split(self, first: usize, pieces: usize) -> Vec<(usize, Batch<T>)> {
+    /// the same size, handed to `each` in order with their first index. One
+    /// piece goes as it is, without an allocation.
+    pub(crate) fn split(self, first: usize, pieces: usize, mut each: impl FnMut(usize, Batch<T>)) {
         let mut rest = match self {
             Batch::Many(items) if pieces > 1 && items.len() > 1 => items,
-            items => return vec![(first, items)],
+            items => return each(first, items),
         };
         let size = rest.len().div_ceil(pieces.min(rest.len()));
-        let mut split = Vec::with_capacity(pieces.min(rest.len()));
         let mut at = first;
         while !rest.is_empty() {
             let tail = rest.split_off(size.min(rest.len()));
             let piece = std::mem::replace(&mut rest, tail);
             let len = piece.len();
-            split.push((at, Batch::from_vec(piece)));
+            each(at, Batch::from_vec(piece));
             at += len;
         }
-        split
     }
 
     pub(crate) fn iter(&self) -> std::slice::Iter<'_, T> {

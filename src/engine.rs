@@ -290,13 +290,11 @@ impl<U> Engine<U> {
                 None => self.options.limit.saturating_sub(self.in_flight),
                 Some(_) => 1,
             };
-            if pieces > 1 && items.len() > 1 {
-                for (first, piece) in items.split(first, pieces) {
-                    self.start_one(runner, first, piece, is_failure);
-                }
-            } else {
-                self.start_one(runner, first, items, is_failure);
-            }
+            items.split(first, pieces, |first, piece| {
+                let len = piece.len();
+                let running = self.start(runner, first, piece, is_failure);
+                self.calls.push(len, running);
+            });
         }
     }
 
@@ -388,14 +386,11 @@ impl<U> Engine<U> {
         is_failure: IsFailure<U>,
     ) {
         let rest = first + results.len();
-        let pieces: Vec<_> = Batch::Many(given_back)
-            .split(rest, self.options.limit)
-            .into_iter()
-            .map(|(first, items)| {
-                let len = items.len();
-                (first, len, self.start(runner, first, items, is_failure))
-            })
-            .collect();
+        let mut pieces = Vec::new();
+        Batch::Many(given_back).split(rest, self.options.limit, |first, items| {
+            let len = items.len();
+            pieces.push((first, len, self.start(runner, first, items, is_failure)));
+        });
         if let Some(Part::GoesOn) = self.calls.complete_part(call, first, results) {
             self.calls.respawn(call, pieces);
         }
@@ -532,19 +527,6 @@ impl<U> Engine<U> {
             }
         }
         Some(Batch::Many(items))
-    }
-
-    /// Starts the next call, over `items` from item `first` on.
-    fn start_one<T, R: Spawn<T, Output = U>>(
-        &mut self,
-        runner: &mut R,
-        first: usize,
-        items: Batch<T>,
-        is_failure: IsFailure<U>,
-    ) {
-        let len = items.len();
-        let running = self.start(runner, first, items, is_failure);
-        self.calls.push(len, running);
     }
 
     /// Starts the call over `items`, the first of which is item `first`.
