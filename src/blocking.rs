@@ -7,9 +7,10 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
+use std::time::Instant;
 
 use tokio::runtime::Handle;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -18,10 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::batch::Batch;
-use crate::call::{Call, Current, Event, Progress};
+use crate::call::{self, Call, Current, Event, Progress, Shared};
+use crate::error::drop_contained;
 use crate::spawn::{IsFailure, Spawn};
+use crate::steal::Loot;
 use crate::trace;
-use crate::workers::{Job, Workers};
+use crate::workers::{Job, Steal, Workers};
 
 /// The function a blocking call applies to each of its items: a closure,
 /// or a closure with per-worker state ([`WithInit`](crate::WithInit)).
@@ -53,8 +56,8 @@ where
     F::Output: Send + 'static,
 {
     workers: Workers<BlockingJob<T, F>>,
-    report: UnboundedSender<Event<T, F::Output>>,
-    reports: UnboundedReceiver<Event<T, F::Output>>,
+    report: UnboundedSender<Event<F::Output>>,
+    reports: UnboundedReceiver<Event<F::Output>>,
 }
 
 impl<T, F> Blocking<T, F>
@@ -66,7 +69,14 @@ where
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
         let (report, reports) = mpsc::unbounded_channel();
         Blocking {
-            workers: Workers::new(mapper, limit),
+            workers: Workers::new(
+                Crew {
+                    mapper,
+                    open: Mutex::new(Vec::new()),
+                    report: report.clone(),
+                },
+                limit,
+            ),
             report,
             reports,
         }
@@ -99,7 +109,7 @@ where
         &mut self,
         runtime: &Handle,
         items: Batch<T>,
-        mut call: Call<T, F::Output>,
+        mut call: Call<F::Output>,
         is_failure: IsFailure<F::Output>,
     ) {
         call.report_to(self.report.clone());
@@ -120,7 +130,7 @@ where
     /// `is_cancelled()`) and stops at its next item.
     fn abort_from(&mut self, _index: usize) {}
 
-    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<T, F::Output>> {
+    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<F::Output>> {
         // Registering the waker costs more than the rest of a poll: only
         // when the map is about to wait.
         let event = if wait {
@@ -137,17 +147,74 @@ where
 
     fn close(&mut self) {
         self.workers.close();
-        // Reports still queued (items given back, outputs of calls that
-        // ended late) are dropped now; later ones by their senders.
+        // Reports still queued (outputs of calls that ended late) are
+        // dropped now, later ones by their senders; a panic of an output's
+        // `Drop` is contained.
         self.reports.close();
-        while self.reports.try_recv().is_ok() {}
+        while let Ok(event) = self.reports.try_recv() {
+            drop_contained(event);
+        }
+    }
+}
+
+impl<T, F> Drop for Blocking<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// What the workers of one map share: the mapper, and the calls of several
+/// items running now, open to idle workers (work stealing).
+pub struct Crew<T, F: Mapper<T>> {
+    mapper: F,
+    open: Mutex<OpenCalls<T, F::Output>>,
+    /// Where a thief's call reports.
+    report: UnboundedSender<Event<F::Output>>,
+}
+
+/// The calls open to thieves.
+type OpenCalls<T, U> = Vec<Arc<Open<T, U>>>;
+
+/// A running call of several items, as a thief sees it: its items and what
+/// a call over some of them needs.
+struct Open<T, U> {
+    call: usize,
+    loot: Loot<T>,
+    shared: Arc<Shared>,
+    is_failure: IsFailure<U>,
+    steal_after: std::time::Duration,
+}
+
+impl<T, F: Mapper<T>> Crew<T, F> {
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenCalls<T, F::Output>> {
+        // Never held around user code.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A call open to thieves until dropped.
+struct Listed<'a, T, F: Mapper<T>> {
+    crew: &'a Crew<T, F>,
+    open: Arc<Open<T, F::Output>>,
+}
+
+impl<T, F: Mapper<T>> Drop for Listed<'_, T, F> {
+    fn drop(&mut self) {
+        self.crew
+            .open()
+            .retain(|open| !Arc::ptr_eq(open, &self.open));
     }
 }
 
 /// One call on a worker: its items, its ticket, and what counts as a failure.
 pub struct BlockingJob<T, F: Mapper<T>> {
     items: Batch<T>,
-    call: Call<T, F::Output>,
+    call: Call<F::Output>,
     is_failure: IsFailure<F::Output>,
     mapper: PhantomData<fn() -> F>,
 }
@@ -158,44 +225,119 @@ where
     F: Mapper<T>,
     F::Output: Send + 'static,
 {
-    type Shared = F;
+    type Shared = Crew<T, F>;
 
     /// Maps the items in order, stopping at the first item the map no
     /// longer wants; the rest are dropped unmapped.
-    fn run(self, mapper: &F) {
+    fn run(self, crew: &Crew<T, F>) {
         let BlockingJob {
             items,
             mut call,
             is_failure,
             ..
         } = self;
-        let event = map_call(&mut call, items, mapper, is_failure);
+        let event = map_call(&mut call, items, crew, is_failure);
         call.send(event);
+    }
+
+    /// Takes the back half of what a running call past its steal time has
+    /// not started (the call with the most left), as a call of its own.
+    fn steal(crew: &Crew<T, F>) -> Steal<Self> {
+        let now = Instant::now();
+        let mut open: Vec<_> = crew.open().clone();
+        open.retain(|open| open.loot.left() > 0 && !open.shared.is_cut_off(open.loot.next_index()));
+        // Most left first: the steal that moves the most work; then the
+        // lowest call, whose results input order waits for first.
+        open.sort_by_key(|open| (std::cmp::Reverse(open.loot.left()), open.call));
+        let mut soonest: Option<Instant> = None;
+        for open in open {
+            if open.loot.steal_at() > now {
+                soonest =
+                    Some(soonest.map_or(open.loot.steal_at(), |at| at.min(open.loot.steal_at())));
+                continue;
+            }
+            // A thief's call holds its permit before it takes anything: with
+            // none free it leaves the items to their owner.
+            let permit = match open.shared.budget() {
+                Some(budget) => match Arc::clone(budget).try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => continue,
+                },
+                None => None,
+            };
+            let stolen = open.loot.steal(|at| {
+                let progress = open
+                    .shared
+                    .timeout()
+                    .map(|timeout| Progress::new(at, timeout));
+                call::send(
+                    &crew.report,
+                    Event::Stolen {
+                        call: open.call,
+                        at,
+                        progress: progress.clone(),
+                    },
+                );
+                progress
+            });
+            let Some((at, items, progress)) = stolen else {
+                continue;
+            };
+            let mut call = Call::new(at, Arc::clone(&open.shared), progress, open.steal_after);
+            call.report_to(crew.report.clone());
+            if let Some(permit) = permit {
+                call.hold(permit);
+            }
+            trace::life!(
+                "par_imap: items stolen",
+                call = open.call,
+                at = at,
+                items = items.len()
+            );
+            return Steal::Job(BlockingJob {
+                items: Batch::from_vec(items),
+                call,
+                is_failure: open.is_failure,
+                mapper: PhantomData,
+            });
+        }
+        soonest.map_or(Steal::Nothing, Steal::At)
     }
 }
 
-/// Maps a call's items in order, stopping at the first item the map no
-/// longer wants (the rest are dropped unmapped); returns its report.
+/// Maps a call's items in order, asking before each item whether the map
+/// still wants it (the rest are dropped unmapped); a call of several items
+/// is open to idle workers while it runs, past its steal time. Returns the
+/// call's report.
 fn map_call<T, F: Mapper<T>>(
-    call: &mut Call<T, F::Output>,
+    call: &mut Call<F::Output>,
     items: Batch<T>,
-    mapper: &F,
+    crew: &Crew<T, F>,
     is_failure: IsFailure<F::Output>,
-) -> Event<T, F::Output>
+) -> Event<F::Output>
 where
+    T: Send + 'static,
     F::Output: Send + 'static,
 {
     let first = call.first();
     if call.is_unwanted() {
+        drop_contained(items);
         return call.skip();
     }
-    if let Some(budget) = call.shared().budget() {
+    if let (Some(budget), false) = (call.shared().budget(), call.holds_permit()) {
         match wait_for_permit(budget, call.shared().ended()) {
             Some(Ok(permit)) => call.hold(permit),
-            Some(Err(_closed)) => return call.finish_one(Err(Error::cancelled(first))),
-            None => return call.skip(),
+            Some(Err(_closed)) => {
+                drop_contained(items);
+                return call.finish_one(Err(Error::cancelled(first)));
+            }
+            None => {
+                drop_contained(items);
+                return call.skip();
+            }
         }
         if call.is_unwanted() {
+            drop_contained(items);
             return call.skip();
         }
     }
@@ -204,7 +346,9 @@ where
     let current = Current::enter(call);
     let call_ref = &*call;
     let map_one = |index: usize, item: T| {
-        let result = panic::catch_unwind(AssertUnwindSafe(|| mapper.call(item)))
+        // The item moves into the mapper: a panic of its `Drop` there is
+        // this item's panic, like one of the mapper's.
+        let result = panic::catch_unwind(AssertUnwindSafe(|| crew.mapper.call(item)))
             .map_err(|payload| Error::panic(index, payload));
         if is_failure(&result) {
             call_ref.failed_at(index);
@@ -219,8 +363,7 @@ where
                 call_ref.failed_at(index);
             }
         };
-    let mut mapped = 0;
-    let results = match items {
+    let items = match items {
         Batch::One(item) => {
             let result = map_one(first, item);
             drop(current);
@@ -232,47 +375,50 @@ where
                 None => call.finish_one(result),
             };
         }
-        Batch::Many(items) => {
-            let mut results = Vec::new();
-            if call.progress().is_none() {
-                results.reserve_exact(items.len());
-            }
-            let mut items = items.into_iter();
-            let mut index = first;
-            while let Some(item) = items.next() {
-                // A failure (here or in another call) or the end of the
-                // map: what is left is dropped unmapped.
-                if index > first && call.is_cut_off(index) {
-                    break;
-                }
-                current.item(index);
-                let progress = call.progress();
-                if let (Some(progress), true) = (progress, index > first) {
-                    progress.begin(index);
-                }
-                let result = map_one(index, item);
-                mapped += 1;
-                match call.progress() {
-                    Some(progress) => settle(index, result, progress),
-                    None => results.push(result),
-                }
-                index += 1;
-                // Reading the clock costs about as much as a short item:
-                // every item at first, then every eighth.
-                if items.len() > 0
-                    && (mapped < 16 || mapped % 8 == 0)
-                    && !call.is_cut_off(index)
-                    && call.should_give_back()
-                {
-                    drop(current);
-                    return call.give_back(results, items.collect());
-                }
-            }
-            results
-        }
+        Batch::Many(items) => items,
     };
+    let mut results = Vec::new();
+    if call.progress().is_none() {
+        results.reserve_exact(items.len());
+    }
+    let listed = Listed {
+        crew,
+        open: Arc::new(Open {
+            call: first,
+            loot: Loot::new(first, items, Instant::now() + call.steal_after()),
+            shared: Arc::clone(call.shared()),
+            is_failure,
+            steal_after: call.steal_after(),
+        }),
+    };
+    crew.open().push(Arc::clone(&listed.open));
+    let loot = &listed.open.loot;
+    let mut index = first;
+    loop {
+        // The one "still wanted?" rule, before every item: a failure (here
+        // or in another call), the token, the end of the map.
+        if call.is_cut_off(index) {
+            loot.abandon(index);
+            break;
+        }
+        // `None`: the end of the call's items, or a thief took the rest.
+        let Some(item) = loot.take(index) else {
+            break;
+        };
+        current.item(index);
+        if let (Some(progress), true) = (call.progress(), index > first) {
+            progress.begin(index);
+        }
+        let result = map_one(index, item);
+        match call.progress() {
+            Some(progress) => settle(index, result, progress),
+            None => results.push(result),
+        }
+        index += 1;
+    }
+    drop(listed);
     drop(current);
-    call.finish(results, mapped)
+    call.finish(results, index - first)
 }
 
 /// Waits on this worker thread for a permit of the budget, or for the map

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::batch::{Batch, Results};
+use crate::error::drop_contained;
 use crate::stats::Counters;
 
 /// Whether results come out in input or in completion order.
@@ -91,10 +92,19 @@ impl Shared {
         self.ended.cancel();
     }
 
-    /// Whether item `index` is no longer wanted (a failure, the end of the
-    /// map). One relaxed load: cheap enough for every item of a batch.
+    /// The one "still wanted?" rule, asked before every item of every call:
+    /// whether item `index` is no longer wanted. The cutoff is lowered by a
+    /// failure, by the end or drop of the map, and by the caller's token
+    /// (a watch task of the map lowers it when the token is cancelled,
+    /// polled or not); an item's own deadline runs only once it started.
+    /// One relaxed load: cheap enough for every item of a batch.
     pub(crate) fn is_cut_off(&self, index: usize) -> bool {
         index >= self.cutoff.load(Ordering::Relaxed)
+    }
+
+    /// Whether the caller gave a token (async calls then watch `ended`).
+    pub(crate) fn has_token(&self) -> bool {
+        self.token.is_some()
     }
 
     /// Whether the caller's token was cancelled (takes its lock).
@@ -119,7 +129,7 @@ impl Shared {
 
 /// What a call tells the engine.
 #[derive(Debug)]
-pub enum Event<T, U> {
+pub enum Event<U> {
     /// The call's first item started (sent only when items have deadlines).
     /// Calls are named by their first item's index.
     Started { call: usize },
@@ -132,9 +142,15 @@ pub enum Event<T, U> {
         /// How many items the call mapped, in how long: for batch sizing.
         mapped: usize,
         busy: Duration,
-        /// Items the call gave back unmapped, from `first + results.len()`
-        /// on: it ran far longer than its size was meant for.
-        given_back: Vec<T>,
+    },
+    /// An idle worker took the items of `call` from `at` on (see
+    /// [`steal`](crate::steal)): they are the call `at` now, with its own
+    /// progress when items have deadlines. Sent before the thief's call
+    /// starts and before the owner's last report.
+    Stolen {
+        call: usize,
+        at: usize,
+        progress: Option<Arc<Progress<U>>>,
     },
     /// The call never ran: it was no longer wanted when it came to run. A
     /// failure at a lower index, or the end of the map, explains it: the
@@ -146,7 +162,7 @@ pub enum Event<T, U> {
 /// that the engine can time out exactly the item running now and deliver
 /// the results of the call's items before it.
 #[derive(Debug)]
-pub(crate) struct Progress<U> {
+pub struct Progress<U> {
     state: Mutex<ProgressState<U>>,
     timeout: Duration,
 }
@@ -232,7 +248,7 @@ impl<U> Progress<U> {
         };
         drop(state);
         // Outside the lock: the result's `Drop` is user code.
-        drop(dropped);
+        drop_contained(dropped);
         overran
     }
 
@@ -295,28 +311,28 @@ impl<U> Progress<U> {
 /// cannot come. It holds the call's permit of the shared budget once it has
 /// one, released when the call really ends.
 #[derive(Debug)]
-pub struct Call<T, U> {
+pub struct Call<U> {
     first: usize,
     shared: Arc<Shared>,
     /// Where a blocking call reports.
-    report: Option<UnboundedSender<Event<T, U>>>,
+    report: Option<UnboundedSender<Event<U>>>,
     /// The report was made: dropping the ticket says nothing more.
     reported: bool,
     progress: Option<Arc<Progress<U>>>,
     /// When the mapper started, for the busy time; `None` until then.
     started_at: Option<std::time::Instant>,
     permit: Option<OwnedSemaphorePermit>,
-    /// Adaptive batches: after running this long, the call gives back the
-    /// items it has not mapped, so that other workers share them.
-    give_back_after: Option<Duration>,
+    /// A call of several items: after running this long, idle workers may
+    /// take the items it has not started.
+    steal_after: Duration,
 }
 
-impl<T, U> Call<T, U> {
+impl<U> Call<U> {
     pub(crate) fn new(
         first: usize,
         shared: Arc<Shared>,
         progress: Option<Arc<Progress<U>>>,
-        give_back_after: Option<Duration>,
+        steal_after: Duration,
     ) -> Self {
         Call {
             first,
@@ -326,22 +342,19 @@ impl<T, U> Call<T, U> {
             progress,
             started_at: None,
             permit: None,
-            give_back_after,
+            steal_after,
         }
     }
 
     /// The call reports on `report` (blocking calls), also when dropped
     /// unfinished.
-    pub(crate) fn report_to(&mut self, report: UnboundedSender<Event<T, U>>) {
+    pub(crate) fn report_to(&mut self, report: UnboundedSender<Event<U>>) {
         self.report = Some(report);
     }
 
-    /// Whether the call has run long enough to give back its other items.
-    pub(crate) fn should_give_back(&self) -> bool {
-        match (self.give_back_after, self.started_at) {
-            (Some(after), Some(started_at)) => started_at.elapsed() > after,
-            _ => false,
-        }
+    /// How long the call runs before idle workers may take its items.
+    pub(crate) fn steal_after(&self) -> Duration {
+        self.steal_after
     }
 
     pub(crate) fn first(&self) -> usize {
@@ -371,6 +384,12 @@ impl<T, U> Call<T, U> {
         self.permit = Some(permit);
     }
 
+    /// Whether the call holds its permit already (a thief's call takes it
+    /// before it steals).
+    pub(crate) fn holds_permit(&self) -> bool {
+        self.permit.is_some()
+    }
+
     /// Item `index` of this call failed. Set at once, from the worker, so a
     /// call queued behind this one does not start before the engine hears.
     pub(crate) fn failed_at(&self, index: usize) {
@@ -392,44 +411,34 @@ impl<T, U> Call<T, U> {
 
     /// The call ended: `results` are its results from `first` on, unless
     /// they went through the progress, which then holds what is left.
-    pub(crate) fn finish(&mut self, results: Vec<Result<U, Error>>, mapped: usize) -> Event<T, U> {
-        self.end(Batch::Many(results), mapped, Vec::new())
+    pub(crate) fn finish(&mut self, results: Vec<Result<U, Error>>, mapped: usize) -> Event<U> {
+        self.end(Batch::Many(results), mapped)
     }
 
     /// The call of one item ended, without a batch's allocation.
-    pub(crate) fn finish_one(&mut self, result: Result<U, Error>) -> Event<T, U> {
-        self.end(Batch::One(result), 1, Vec::new())
-    }
-
-    /// The call stops early: `results` for the items it mapped, and the
-    /// items it gives back unmapped.
-    pub(crate) fn give_back(
-        &mut self,
-        results: Vec<Result<U, Error>>,
-        rest: Vec<T>,
-    ) -> Event<T, U> {
-        let mapped = results.len();
-        self.end(Batch::Many(results), mapped, rest)
+    pub(crate) fn finish_one(&mut self, result: Result<U, Error>) -> Event<U> {
+        self.end(Batch::One(result), 1)
     }
 
     /// The call will not run: it is no longer wanted. Not a failure.
-    pub(crate) fn skip(&mut self) -> Event<T, U> {
+    pub(crate) fn skip(&mut self) -> Event<U> {
         self.ended(0);
         Event::Skipped { call: self.first }
     }
 
     /// Sends the call's report on its channel. The engine is gone when this
-    /// fails: the report is dropped here.
-    pub(crate) fn send(mut self, event: Event<T, U>) {
+    /// fails: the report is dropped here, a panic of its values' `Drop`
+    /// contained.
+    pub(crate) fn send(mut self, event: Event<U>) {
         if let Some(report) = self.report.take() {
-            let _ = report.send(event);
+            send(&report, event);
         }
     }
 
     /// Counts the call as ended and makes its report. With a progress, the
     /// results not taken by the engine come from there: `results` is then
     /// empty.
-    fn end(&mut self, results: Results<U>, mapped: usize, given_back: Vec<T>) -> Event<T, U> {
+    fn end(&mut self, results: Results<U>, mapped: usize) -> Event<U> {
         let (first, results) = match &self.progress {
             Some(progress) if results.len() == 0 => {
                 let (first, taken) = progress.take();
@@ -444,7 +453,6 @@ impl<T, U> Call<T, U> {
             results,
             mapped,
             busy,
-            given_back,
         }
     }
 
@@ -465,7 +473,7 @@ impl<T, U> Call<T, U> {
     }
 }
 
-impl<T, U> Event<T, U> {
+impl<U> Event<U> {
     /// The report of call `call`, torn down before it ended: `error` for
     /// its item `first`, the first it had not reported.
     pub(crate) fn torn_down(call: usize, first: usize, error: Error) -> Self {
@@ -475,14 +483,16 @@ impl<T, U> Event<T, U> {
             results: Batch::One(Err(error)),
             mapped: 0,
             busy: Duration::ZERO,
-            given_back: Vec::new(),
         }
     }
 }
 
-impl<T, U> Drop for Call<T, U> {
+impl<U> Drop for Call<U> {
     /// A call dropped unfinished ends its start (`Stats`); a blocking one
-    /// also reports itself cancelled (an async one's join handle tells).
+    /// also reports itself: cancelled when it never ran or its worker was
+    /// torn down, a panic error of its item when the machinery unwound (a
+    /// call that vanishes is not a runtime gone). An async one's join
+    /// handle tells.
     fn drop(&mut self) {
         if self.reported {
             return;
@@ -496,7 +506,23 @@ impl<T, U> Drop for Call<T, U> {
             None => self.first,
         };
         self.ended(0);
-        let _ = report.send(Event::torn_down(self.first, index, Error::cancelled(index)));
+        let error = if std::thread::panicking() {
+            Error::panic(
+                index,
+                Box::new("par_imap: a call unwound outside its mapper"),
+            )
+        } else {
+            Error::cancelled(index)
+        };
+        send(&report, Event::torn_down(self.first, index, error));
+    }
+}
+
+/// Sends `event`; if the engine is gone, the event is dropped here without
+/// letting a panic of its values' `Drop` unwind.
+pub(crate) fn send<U>(report: &UnboundedSender<Event<U>>, event: Event<U>) {
+    if let Err(unsent) = report.send(event) {
+        drop_contained(unsent.0);
     }
 }
 
@@ -532,7 +558,7 @@ thread_local! {
 pub(crate) struct Current;
 
 impl Current {
-    pub(crate) fn enter<T, U: Send + 'static>(call: &Call<T, U>) -> Current {
+    pub(crate) fn enter<U: Send + 'static>(call: &Call<U>) -> Current {
         let running = Running {
             shared: Arc::clone(&call.shared),
             progress: call

@@ -16,13 +16,15 @@ use futures::Stream;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::{Batch, Results};
 use crate::call::{Call, Event, Order, Progress, Shared};
 use crate::deadline::Deadlines;
+use crate::error::drop_contained;
 use crate::options::Options;
-use crate::reorder::{Part, Reorder};
+use crate::reorder::Reorder;
 use crate::sizer::{self, Sizer};
 use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
@@ -51,6 +53,9 @@ pub(crate) struct Engine<U> {
     shared: Option<Arc<Shared>>,
     /// Resolves when the caller's token is cancelled.
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    /// Lowers the cutoff as soon as the caller's token is cancelled, so
+    /// running calls stop within one item, polled or not.
+    token_watch: Option<AbortOnDropHandle<()>>,
     calls: Reorder<U, Running<U>>,
     deadlines: Deadlines,
     sizer: Sizer,
@@ -84,6 +89,7 @@ impl<U> Engine<U> {
             counters: Arc::default(),
             shared: None,
             cancelled: None,
+            token_watch: None,
             deadlines: Deadlines::default(),
             runtime: None,
             pulled: 0,
@@ -168,12 +174,9 @@ impl<U> Engine<U> {
         if self.finished {
             return Poll::Ready(None);
         }
-        if self.cancelled.is_none() {
-            if let Some(token) = &self.options.token {
-                self.cancelled = Some(Box::pin(token.clone().cancelled_owned()));
-            }
+        if self.shared.is_none() {
+            self.first_poll();
         }
-        self.shared();
 
         // 1. Cancellation from outside wins over anything still owed.
         if self.is_cancelled_from_outside() {
@@ -196,7 +199,7 @@ impl<U> Engine<U> {
             // 2. Take in what calls report, then the deadlines, so that a
             // failure is seen before more input is pulled.
             while let Poll::Ready(event) = runner.poll_report(cx, false) {
-                self.take_in(event, runner, is_failure);
+                self.take_in(event, is_failure);
             }
             self.expire_deadlines(cx);
             if let Some(index) = self.abort_from.take() {
@@ -228,9 +231,30 @@ impl<U> Engine<U> {
                 }
             }
             match runner.poll_report(cx, true) {
-                Poll::Ready(event) => self.take_in(event, runner, is_failure),
+                Poll::Ready(event) => self.take_in(event, is_failure),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+
+    /// What the first poll sets up: the check that a timeout has a timer to
+    /// run on, the state shared with the calls, and the token's watch.
+    fn first_poll(&mut self) {
+        if self.options.timeout.is_some() {
+            // Without the runtime's time driver this panics now, naming
+            // `enable_time`, for every kind alike, rather than later inside
+            // a call or a deadline.
+            drop(tokio::time::sleep(std::time::Duration::ZERO));
+        }
+        let shared = Arc::clone(self.shared());
+        if let Some(token) = &self.options.token {
+            self.cancelled = Some(Box::pin(token.clone().cancelled_owned()));
+            let token = token.clone();
+            let runtime = self.runtime.get_or_insert_with(Handle::current);
+            self.token_watch = Some(AbortOnDropHandle::new(runtime.spawn(async move {
+                token.cancelled().await;
+                shared.end();
+            })));
         }
     }
 
@@ -326,12 +350,7 @@ impl<U> Engine<U> {
     }
 
     /// Takes in one report of a call.
-    fn take_in<T, R: Spawn<T, Output = U>>(
-        &mut self,
-        event: Event<T, U>,
-        runner: &mut R,
-        is_failure: IsFailure<U>,
-    ) {
+    fn take_in(&mut self, event: Event<U>, is_failure: IsFailure<U>) {
         {
             match event {
                 Event::Started { call } => self.arm(call, None),
@@ -342,28 +361,43 @@ impl<U> Engine<U> {
                     let running = self.calls.skip(call);
                     self.disarm(call, running);
                 }
+                Event::Stolen { call, at, progress } => {
+                    self.in_flight += 1;
+                    let thief = Running {
+                        progress,
+                        deadline: None,
+                    };
+                    // After a failure below it, the stolen part is not wanted.
+                    if self.failed_at.is_some_and(|failed| failed < at) {
+                        return;
+                    }
+                    match self.calls.split(call, at, thief) {
+                        Ok(None) => {}
+                        Ok(Some(owner)) => self.disarm(call, Some(owner)),
+                        Err(thief) => drop_contained(thief),
+                    }
+                }
                 Event::Finished {
                     call,
                     first,
                     results,
                     mapped,
                     busy,
-                    given_back,
                 } => {
                     self.in_flight -= 1;
                     self.sizer.observe(mapped, busy);
                     if !self.calls.is_running(call) {
-                        return; // no longer wanted: dropped here
+                        // No longer wanted: dropped here, a panic of its
+                        // `Drop` contained.
+                        drop_contained(results);
+                        return;
                     }
                     if results.last().is_some_and(Self::is_cancellation) {
                         self.cancelled_under = true;
+                        drop_contained(results);
                         return;
                     }
                     let failure = self.count_failures(first, &results, is_failure);
-                    if failure.is_none() && !given_back.is_empty() {
-                        self.share_out(runner, call, first, results, given_back, is_failure);
-                        return;
-                    }
                     let running = self.calls.complete(call, first, results);
                     self.disarm(call, running);
                     if let Some(index) = failure {
@@ -371,28 +405,6 @@ impl<U> Engine<U> {
                     }
                 }
             }
-        }
-    }
-
-    /// `call` mapped `results` (from `first` on) and gave the rest of its
-    /// items back: they go out again as one call per worker.
-    fn share_out<T, R: Spawn<T, Output = U>>(
-        &mut self,
-        runner: &mut R,
-        call: usize,
-        first: usize,
-        results: Results<U>,
-        given_back: Vec<T>,
-        is_failure: IsFailure<U>,
-    ) {
-        let rest = first + results.len();
-        let mut pieces = Vec::new();
-        Batch::Many(given_back).split(rest, self.options.limit, |first, items| {
-            let len = items.len();
-            pieces.push((first, len, self.start(runner, first, items, is_failure)));
-        });
-        if let Some(Part::GoesOn) = self.calls.complete_part(call, first, results) {
-            self.calls.respawn(call, pieces);
         }
     }
 
@@ -498,8 +510,6 @@ impl<U> Engine<U> {
 
     /// Pulls the items of the next call: at least one, at most `most`, only
     /// what the input has ready.
-    /// Pulls the items of the next call: at least one, at most `most`, only
-    /// what the input has ready.
     fn pull<T, St: Stream<Item = T>>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
@@ -544,12 +554,9 @@ impl<U> Engine<U> {
             .timeout
             .filter(|_| R::BATCHES)
             .map(|timeout| Progress::new(first, timeout));
-        // Adaptive batches (no timeout: its progress reports item by item)
-        // give back what they have not mapped when they run far too long.
-        let give_back_after =
-            (self.options.batch.is_none() && progress.is_none()).then_some(sizer::GIVE_BACK_AFTER);
+        let steal_after = self.sizer.steal_after(items.len());
         let shared = Arc::clone(self.shared());
-        let call = Call::new(first, shared, progress.clone(), give_back_after);
+        let call = Call::new(first, shared, progress.clone(), steal_after);
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         runner.spawn(runtime, items, call, is_failure);
         self.in_flight += 1;
@@ -577,6 +584,7 @@ impl<U> Engine<U> {
         self.calls.clear();
         self.deadlines.clear();
         self.cancelled = None;
+        self.token_watch = None;
         runner.close();
         input.set(None);
     }
@@ -619,6 +627,8 @@ impl<U> Drop for Engine<U> {
         if let Some(shared) = &self.shared {
             shared.end();
         }
+        // The results not yielded go now, a panic of their `Drop` contained.
+        self.calls.clear();
         if self.in_flight > 0 && !self.finished {
             trace::life!(
                 "par_imap: dropped with calls in flight",

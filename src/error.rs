@@ -315,3 +315,11 @@ impl From<Error> for std::io::Error {
         std::io::Error::new(kind, error)
     }
 }
+
+/// Drops `value` where a panic of its `Drop` (user code: an input item, an
+/// output) must not unwind: in the consumer's `poll_next`, in the map's
+/// `Drop`, on a worker between items. Used only for values nobody wants any
+/// more, so the panic is ignored (the panic hook has printed it).
+pub(crate) fn drop_contained<X>(value: X) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
+}

@@ -98,6 +98,7 @@ mod reorder;
 mod sizer;
 mod spawn;
 mod stats;
+mod steal;
 mod stream;
 mod task;
 mod trace;

@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 use crate::Error;
 use crate::batch::{BatchIter, Results};
 use crate::call::Order;
+use crate::error::drop_contained;
 
 /// The results of one call, yielded one by one.
 #[derive(Debug)]
@@ -211,30 +212,38 @@ impl<U, R> Reorder<U, R> {
         Some(Part::GoesOn)
     }
 
-    /// The rest of the running `call` goes on as the calls `pieces`:
-    /// `(first, len, handle)`, consecutive, covering its rest exactly.
-    pub(crate) fn respawn(&mut self, call: usize, pieces: Vec<(usize, usize, R)>) {
-        let Some(at) = self.position(call) else {
-            return;
+    /// An idle worker took the items of the running `call` from `at` on:
+    /// they are the running call `at` now, with the handle `running`.
+    /// `Ok(None)`: `call` runs on before `at`; `Ok(Some(handle))`: nothing
+    /// of `call` was left before `at`, here is its old handle; `Err`: `call`
+    /// no longer runs there, and `running` comes back.
+    pub(crate) fn split(&mut self, call: usize, at: usize, running: R) -> Result<Option<R>, R> {
+        let Some(position) = self.position(call) else {
+            return Err(running);
         };
-        let Some(slot) = self.slots.remove(at) else {
-            return;
-        };
-        debug_assert_eq!(
-            pieces.iter().map(|&(_, len, _)| len).sum::<usize>(),
-            slot.end - slot.first
-        );
-        for (offset, (first, len, running)) in pieces.into_iter().enumerate() {
-            self.slots.insert(
-                at + offset,
-                Slot {
-                    call: first,
-                    first,
-                    end: first + len,
-                    state: State::Running(running),
-                },
-            );
+        let slot = &mut self.slots[position];
+        if !(slot.first <= at && at < slot.end) {
+            return Err(running);
         }
+        if slot.first == at {
+            slot.call = at;
+            let State::Running(old) = std::mem::replace(&mut slot.state, State::Running(running))
+            else {
+                unreachable!("position() finds running slots only")
+            };
+            return Ok(Some(old));
+        }
+        let end = std::mem::replace(&mut slot.end, at);
+        self.slots.insert(
+            position + 1,
+            Slot {
+                call: at,
+                first: at,
+                end,
+                state: State::Running(running),
+            },
+        );
+        Ok(None)
     }
 
     /// The running `call` ended with these results, from `first` on: what
@@ -264,7 +273,7 @@ impl<U, R> Reorder<U, R> {
     /// order); their handles are dropped.
     pub(crate) fn truncate_after(&mut self, index: usize) {
         let keep = self.slots.partition_point(|slot| slot.first <= index);
-        self.slots.truncate(keep);
+        drop_contained(self.slots.split_off(keep));
     }
 
     /// Forgets every call not finished yet (fail-fast in completion order);
@@ -273,14 +282,19 @@ impl<U, R> Reorder<U, R> {
         if let Some(lowest) = self.slots.front().map(|slot| slot.first) {
             self.forgotten = Some(self.forgotten.map_or(lowest, |low| low.min(lowest)));
         }
-        self.slots
-            .retain(|slot| matches!(slot.state, State::Done(_)));
+        let (done, unfinished) = std::mem::take(&mut self.slots)
+            .into_iter()
+            .partition(|slot| matches!(slot.state, State::Done(_)));
+        self.slots = done;
+        drop_contained::<VecDeque<_>>(unfinished);
     }
 
     /// Forgets everything: the map ended.
     pub(crate) fn clear(&mut self) {
-        self.slots.clear();
-        self.ready.clear();
+        drop_contained((
+            std::mem::take(&mut self.slots),
+            std::mem::take(&mut self.ready),
+        ));
         self.mid_drain = false;
     }
 

@@ -8,9 +8,9 @@ use std::time::Duration;
 /// The work one adaptive call aims at.
 const TARGET: Duration = Duration::from_micros(500);
 
-/// An adaptive call that runs this long gives back the items it has not
-/// mapped, to be shared among the workers: its items got slower.
-pub(crate) const GIVE_BACK_AFTER: Duration = Duration::from_millis(2);
+/// An adaptive call that runs this long is open to idle workers: they may
+/// take the items it has not started (its items got slower, or one hangs).
+pub(crate) const STEAL_AFTER: Duration = Duration::from_millis(2);
 
 /// The most items an adaptive call takes: the default window is
 /// `2 * limit * MOST`.
@@ -41,6 +41,22 @@ impl Sizer {
         self.fixed.unwrap_or(MOST)
     }
 
+    /// How long a call of `size` items runs before idle workers may take
+    /// its items: [`STEAL_AFTER`] for adaptive sizes, twice the expected run
+    /// time of the call (from the measured time per item) with `.batch(k)`.
+    pub(crate) fn steal_after(&self, size: usize) -> Duration {
+        match (self.fixed, self.per_item) {
+            (Some(_), Some(per_item)) => {
+                let expected = per_item * size as f64 * 2.0;
+                // At most an hour: the moment must stay on the clock.
+                Duration::try_from_secs_f64(expected / 1e9)
+                    .unwrap_or(Duration::MAX)
+                    .min(Duration::from_secs(3600))
+            }
+            _ => STEAL_AFTER,
+        }
+    }
+
     /// The size of the next call: 1 until a call has been measured.
     pub(crate) fn next_size(&self) -> usize {
         self.fixed.unwrap_or(self.size)
@@ -51,7 +67,7 @@ impl Sizer {
     /// (a 1000-fold slowdown takes two calls, a call that was merely
     /// preempted costs little); faster ones grow it at most twofold per call.
     pub(crate) fn observe(&mut self, mapped: usize, busy: Duration) {
-        if self.fixed.is_some() || mapped == 0 {
+        if mapped == 0 {
             return;
         }
         let sample = busy.as_nanos() as f64 / mapped as f64;
@@ -61,6 +77,9 @@ impl Sizer {
             None => sample,
         };
         self.per_item = Some(estimate);
+        if self.fixed.is_some() {
+            return;
+        }
         let ideal = (TARGET.as_nanos() as f64 / estimate.max(1.0)).clamp(1.0, MOST as f64) as usize;
         self.size = ideal.min(self.size.saturating_mul(2)).max(1);
     }
@@ -95,6 +114,19 @@ mod tests {
         sizer.observe(1, Duration::from_micros(1600));
         sizer.observe(1, Duration::from_micros(1600));
         assert_eq!(sizer.next_size(), 1, "1.6 ms items: one per call");
+    }
+
+    #[test]
+    fn calls_are_open_to_thieves_after_2_ms_or_twice_their_expected_time() {
+        let mut adaptive = Sizer::new(None, true);
+        assert_eq!(adaptive.steal_after(1), STEAL_AFTER);
+        adaptive.observe(10, Duration::from_millis(10));
+        assert_eq!(adaptive.steal_after(10), STEAL_AFTER);
+        let mut fixed = Sizer::new(Some(100), true);
+        assert_eq!(fixed.steal_after(100), STEAL_AFTER, "not measured yet");
+        fixed.observe(100, Duration::from_millis(100));
+        assert_eq!(fixed.steal_after(100), Duration::from_millis(200));
+        assert_eq!(fixed.steal_after(10), Duration::from_millis(20));
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub trait Spawn<T>: Send {
         &mut self,
         runtime: &Handle,
         items: Batch<T>,
-        call: Call<T, Self::Output>,
+        call: Call<Self::Output>,
         is_failure: IsFailure<Self::Output>,
     );
 
@@ -40,7 +40,7 @@ pub trait Spawn<T>: Send {
 
     /// The report of a call that ended, if one is ready. With `wait`, `cx`
     /// is woken when the next one comes; without, it may or may not be.
-    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<T, Self::Output>>;
+    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<Self::Output>>;
 
     /// The map ended: running async calls are aborted, and calls that have
     /// not started and reports not taken in are dropped now.

@@ -31,6 +31,10 @@ struct EngineCounters {
 #[derive(Debug, Default)]
 struct CallCounters {
     started: AtomicU64,
+    /// Calls running now: one up at a call's start, one down at its end,
+    /// so that `in_flight` never counts a call twice, not even while a
+    /// batch's items are being counted.
+    running: AtomicU64,
     completed: AtomicU64,
     busy_nanos: AtomicU64,
 }
@@ -50,6 +54,7 @@ impl Counters {
     /// so that short items in a batch do not contend on this line.
     pub(crate) fn call_started(&self) {
         self.calls.0.started.fetch_add(1, Relaxed);
+        self.calls.0.running.fetch_add(1, Relaxed);
     }
 
     /// A call that mapped `items` items ended after `busy`: the rest of its
@@ -67,6 +72,7 @@ impl Counters {
         // Release: a reader that sees this completion also sees the starts
         // counted before it, so `completed <= started` in every snapshot.
         calls.completed.fetch_add(items.max(1), Release);
+        calls.running.fetch_sub(1, Relaxed);
     }
 
     pub(crate) fn failed(&self) {
@@ -130,11 +136,11 @@ impl Stats {
         let (engine, counters) = (&self.counters.engine.0, &self.counters.calls.0);
         // `started` and `completed` as they were at one instant: `started`
         // read on both sides of `completed` and unchanged between, so that
-        // `in_flight`, computed from these same reads, counts the calls
-        // running at that instant (0 whenever the two are equal). Acquire
-        // pairs with the Release of a completion. Under a storm of starts
-        // the last reads are taken as they are, `in_flight` then possibly
-        // a little high.
+        // `completed <= started`. Acquire pairs with the Release of a
+        // completion. `in_flight` is bounded by both counts of running
+        // calls: `started - completed` (which is 0 when they agree, but too
+        // high while a batch adds its items), and the calls counter, which
+        // is exact but may lag a call that has just completed.
         let (started, completed) = {
             let mut reads = (0, 0);
             for _ in 0..64 {
@@ -149,7 +155,7 @@ impl Stats {
             reads
         };
         Snapshot {
-            in_flight: started - completed,
+            in_flight: counters.running.load(Acquire).min(started - completed),
             pulled: engine.pulled.load(Relaxed),
             started,
             completed,
@@ -170,8 +176,8 @@ impl fmt::Debug for Stats {
 ///
 /// `started` and `completed` count items; a call that maps several items
 /// (a batch) counts its first item as started when it begins and the rest
-/// when it ends, so `in_flight = started - completed` is the number of calls
-/// running now, and 0 whenever `started == completed`.
+/// when it ends. `in_flight` counts calls, not items: never more than run at
+/// that instant, and 0 once nothing runs.
 /// `busy / (wall time × limit)` is how busy the map kept its workers.
 ///
 /// ```
@@ -192,7 +198,11 @@ pub struct Snapshot {
     pub failed: u64,
     /// Items handed to the consumer, errors included.
     pub yielded: u64,
-    /// Mapper calls running now.
+    /// Mapper calls running now: never more than really run, not even while
+    /// a batch completes. After a map ended (failed, cancelled, dropped) it
+    /// falls to 0 as soon as its calls are gone: an aborted async call when
+    /// its task is dropped by tokio (at its next `.await`), a blocking call
+    /// when its closure returns.
     pub in_flight: u64,
     /// The summed run time of mapper calls.
     pub busy: Duration,

@@ -27,7 +27,7 @@ use crate::trace;
 /// the join handles of the tasks running.
 pub struct Tasks<T, F, U> {
     mapper: Arc<F>,
-    running: FuturesUnordered<Report<T, U>>,
+    running: FuturesUnordered<Report<U>>,
     items: PhantomData<fn(T)>,
 }
 
@@ -57,15 +57,15 @@ impl<T, F, U> Tasks<T, F, U> {
 }
 
 /// The report of call `call`, read from its task's join handle.
-struct Report<T, U> {
+struct Report<U> {
     call: usize,
-    handle: JoinHandle<Event<T, U>>,
+    handle: JoinHandle<Event<U>>,
 }
 
-impl<T, U> Future for Report<T, U> {
-    type Output = Event<T, U>;
+impl<U> Future for Report<U> {
+    type Output = Event<U>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event<T, U>> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event<U>> {
         let call = self.call;
         Poll::Ready(match ready!(self.handle.poll_unpin(cx)) {
             Ok(event) => event,
@@ -101,7 +101,7 @@ where
         &mut self,
         runtime: &Handle,
         items: Batch<T>,
-        mut call: Call<T, Fut::Output>,
+        mut call: Call<Fut::Output>,
         is_failure: IsFailure<Fut::Output>,
     ) {
         let mapper = Arc::clone(&self.mapper);
@@ -138,22 +138,44 @@ where
                 .shared()
                 .timeout()
                 .and_then(|timeout| Instant::now().checked_add(timeout));
-            let result = match deadline {
-                Some(deadline) => {
+            // With a token, the call also ends when the map ends (the token's
+            // watch ends it when the token is cancelled), polled or not.
+            let ended = call
+                .shared()
+                .has_token()
+                .then(|| call.shared().ended().clone());
+            let result = match (deadline, ended) {
+                (None, None) => mapped.await.map_err(|payload| Error::panic(first, payload)),
+                (deadline, ended) => {
                     let mut mapped = pin!(mapped);
-                    let mut expired = Box::pin(tokio::time::sleep_until(deadline));
-                    poll_fn(|cx| match mapped.as_mut().poll(cx) {
-                        Poll::Ready(result) => {
-                            Poll::Ready(result.map_err(|payload| Error::panic(first, payload)))
+                    let mut expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                    let mut ended = ended.map(|ended| Box::pin(ended.cancelled_owned()));
+                    let stopped = poll_fn(|cx| {
+                        if let Some(ended) = &mut ended {
+                            if ended.as_mut().poll(cx).is_ready() {
+                                return Poll::Ready(None);
+                            }
                         }
-                        Poll::Pending => expired
-                            .as_mut()
-                            .poll(cx)
-                            .map(|()| Err(Error::timeout(first))),
+                        match mapped.as_mut().poll(cx) {
+                            Poll::Ready(result) => Poll::Ready(Some(
+                                result.map_err(|payload| Error::panic(first, payload)),
+                            )),
+                            Poll::Pending => match &mut expired {
+                                Some(expired) => expired
+                                    .as_mut()
+                                    .poll(cx)
+                                    .map(|()| Some(Err(Error::timeout(first)))),
+                                None => Poll::Pending,
+                            },
+                        }
                     })
-                    .await
+                    .await;
+                    match stopped {
+                        Some(result) => result,
+                        // Nobody wants the item: its future is dropped now.
+                        None => return call.skip(),
+                    }
                 }
-                None => mapped.await.map_err(|payload| Error::panic(first, payload)),
             };
             if is_failure(&result) {
                 call.failed_at(first);
@@ -172,7 +194,7 @@ where
         self.abort_running(index);
     }
 
-    fn poll_report(&mut self, cx: &mut Context<'_>, _wait: bool) -> Poll<Event<T, Fut::Output>> {
+    fn poll_report(&mut self, cx: &mut Context<'_>, _wait: bool) -> Poll<Event<Fut::Output>> {
         match self.running.poll_next_unpin(cx) {
             Poll::Ready(Some(event)) => Poll::Ready(event),
             // None running: nothing to wake the map for.

@@ -57,12 +57,30 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 mod loom_model;
 
 /// One unit of work for the pool.
-pub trait Job: Send + 'static {
+pub trait Job: Send + Sized + 'static {
     /// What every job of one pool shares (e.g. the mapper).
     type Shared: Send + Sync + 'static;
 
     /// Does the work, on a worker's thread.
     fn run(self, shared: &Self::Shared);
+
+    /// Work a worker that found the queue empty may take from jobs running
+    /// on other workers (work stealing), or when to look again. Asked
+    /// outside the lock, before the worker idles.
+    fn steal(_shared: &Self::Shared) -> Steal<Self> {
+        Steal::Nothing
+    }
+}
+
+/// What an idle worker finds to steal.
+#[derive(Debug)]
+pub enum Steal<J> {
+    /// A job to run now.
+    Job(J),
+    /// Nothing yet; something may be taken from this moment on.
+    At(std::time::Instant),
+    /// Nothing, and nothing will be without a new job.
+    Nothing,
 }
 
 /// The workers of one map, owned by its stream. Dropping it closes the
@@ -120,7 +138,7 @@ impl<J: Job> Workers<J> {
         let mut queue = self.pool.lock();
         if queue.closed {
             drop(queue);
-            drop(job);
+            drop_contained(job);
             return None;
         }
         queue.jobs.push_back(job);
@@ -152,8 +170,14 @@ impl<J: Job> Workers<J> {
             mem::take(&mut queue.jobs)
         };
         self.pool.work.notify_all();
-        drop(queued);
+        drop_contained(queued);
     }
+}
+
+/// Drops jobs nobody will run without letting a panic of their values'
+/// `Drop` (user code) unwind into the one dropping them.
+fn drop_contained<X>(value: X) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
 }
 
 impl<J: Job> Drop for Workers<J> {
@@ -194,14 +218,32 @@ impl<J: Job> Pool<J> {
             if let Some(job) = queue.jobs.pop_front() {
                 return Some(job);
             }
+            if queue.closed {
+                queue.workers -= 1;
+                return None;
+            }
+            // Nothing queued: before idling, look for work to steal from the
+            // running jobs, outside the lock (this worker stays counted and
+            // not idle, so a pusher meanwhile relies on it to look again).
+            drop(queue);
+            let steal_at = match J::steal(&self.shared) {
+                Steal::Job(job) => return Some(job),
+                Steal::At(at) => Some(at),
+                Steal::Nothing => None,
+            };
+            queue = self.lock();
+            if let Some(job) = queue.jobs.pop_front() {
+                return Some(job);
+            }
             // Only here, with the queue seen empty under the lock, may a
-            // worker leave: no job can be stranded by its going.
-            if queue.closed || queue.clock.is_past(spell_end) {
+            // worker leave: no job can be stranded by its going. A worker
+            // that may steal soon stays.
+            if queue.closed || (steal_at.is_none() && queue.clock.is_past(spell_end)) {
                 queue.workers -= 1;
                 return None;
             }
             queue.idle += 1;
-            queue = idle::wait(&self.work, queue, spell_end);
+            queue = idle::wait(&self.work, queue, spell_end, steal_at);
             queue.check(self.limit);
             if queue.woken > 0 {
                 // A pusher already took one worker off `idle`: this is it.
@@ -266,7 +308,7 @@ impl<J: Job> Drop for Worker<J> {
                 VecDeque::new()
             }
         };
-        drop(orphans);
+        drop_contained(orphans);
     }
 }
 
@@ -306,13 +348,20 @@ mod idle {
         }
     }
 
-    /// Waits for a wake-up, or until `end`.
+    /// Waits for a wake-up, or until `end`, or until `steal_at` if that
+    /// comes first or the spell is over.
     pub(super) fn wait<'a, T>(
         work: &Condvar,
         queue: MutexGuard<'a, T>,
         end: Instant,
+        steal_at: Option<Instant>,
     ) -> MutexGuard<'a, T> {
-        let left = end.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let end = match steal_at {
+            Some(at) if at < end || now >= end => at,
+            _ => end,
+        };
+        let left = end.saturating_duration_since(now);
         work.wait_timeout(queue, left)
             .unwrap_or_else(PoisonError::into_inner)
             .0
@@ -351,11 +400,13 @@ mod idle {
         }
     }
 
-    /// Waits for a wake-up: a push, close, or the clock's tick.
+    /// Waits for a wake-up: a push, close, or the clock's tick. The model's
+    /// jobs never steal.
     pub(super) fn wait<'a, T>(
         work: &Condvar,
         queue: MutexGuard<'a, T>,
         _end: usize,
+        _steal_at: Option<std::time::Instant>,
     ) -> MutexGuard<'a, T> {
         work.wait(queue).unwrap_or_else(PoisonError::into_inner)
     }
