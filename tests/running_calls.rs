@@ -1,0 +1,681 @@
+//! Named regressions for what a running call does while nobody polls the
+//! map, and for user code (`Drop`) that panics around the mapper: each
+//! test reproduces one row of the issue and checks the rule DESIGN.md
+//! settled (Builder methods table, Cancellation token rules, semantics 6,
+//! `.stats()`).
+//!
+//! 1. A cancelled token stops a running batch, and aborts async calls,
+//!    polled or not.
+//! 2. An item that hangs never holds back the items after it in its call
+//!    (work stealing), adaptive or fixed size, with or without `.timeout`.
+//! 3. A `.timeout` that never fires changes nothing of that.
+//! 4. A panicking `Drop` of an input or an output is contained.
+//! 5. `in_flight` never counts more calls than really run.
+//! 6. `.timeout` on a runtime without the time driver panics at the first
+//!    poll, naming `enable_time`.
+//!
+//! A wait that would hang on a broken engine is bounded (`BOUND`, real
+//! time) so that the break is a failure, not a stuck suite. No duration is
+//! asserted.
+mod common;
+
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use common::{Gates, eventually_async};
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt, TryStreamExt, stream};
+use par_imap::ParImapExt;
+use tokio_util::sync::CancellationToken;
+
+/// A generous bound on a wait that only a broken engine can exceed.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Waits (real time, at most `BOUND`) until `condition` holds, yielding to
+/// the runtime meanwhile; false if it never did.
+async fn within_bound(condition: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + BOUND;
+    while !condition() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// Opens one gate when dropped, so that a failing test never leaves a
+/// blocking worker hung (the runtime's shutdown would wait for it).
+struct OpenOnDrop(Gates, usize);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open(self.1);
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Mine(usize);
+
+impl From<par_imap::Error> for Mine {
+    fn from(error: par_imap::Error) -> Self {
+        Mine(error.index())
+    }
+}
+
+/// The message of a panic payload (`&str` or `String`).
+fn message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "<non-string payload>".to_owned())
+}
+
+// ---- 1. a cancelled token stops running calls, polled or not ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_cancel_stops_a_running_batch_without_a_poll() {
+    let token = CancellationToken::new();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let mapped_after_cancel = Arc::new(AtomicUsize::new(0));
+    let (running_tx, running_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let (seen_cancel, after) = (cancelled.clone(), mapped_after_cancel.clone());
+    // One worker, one call of 100 items: item 2 blocks until the test has
+    // cancelled the token.
+    let mut results = stream::iter(0..100_usize)
+        .par_imap(1, move |n| {
+            if seen_cancel.load(Ordering::SeqCst) {
+                after.fetch_add(1, Ordering::SeqCst);
+            }
+            if n == 2 {
+                running_tx.send(()).unwrap();
+                let _ = release_rx.lock().unwrap().recv_timeout(common::hang());
+            }
+            n
+        })
+        .batch(100)
+        .cancel_token(token.clone());
+    let stats = results.stats();
+    assert!(futures::poll!(results.next()).is_pending());
+    running_rx
+        .recv_timeout(BOUND)
+        .expect("item 2 never started");
+    // The consumer holds the stream but is busy: nobody polls it from now.
+    token.cancel();
+    cancelled.store(true, Ordering::SeqCst);
+    release_tx.send(()).unwrap();
+    let call_ended = within_bound(|| {
+        mapped_after_cancel.load(Ordering::SeqCst) > 0 || stats.snapshot().in_flight == 0
+    })
+    .await;
+    assert!(call_ended, "the running call never ended: {stats:?}");
+    assert_eq!(
+        mapped_after_cancel.load(Ordering::SeqCst),
+        0,
+        "items of the running call were mapped after the token was cancelled"
+    );
+    let error = results.next().await.unwrap().unwrap_err();
+    assert!(error.is_cancelled(), "{error}");
+    assert_eq!(error.index(), 0);
+    assert!(results.next().await.is_none());
+}
+
+/// Drops count themselves: the future of each call owns one.
+struct DropCount(Arc<AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_cancel_aborts_running_async_calls_without_a_poll() {
+    let token = CancellationToken::new();
+    let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (starts, drops) = (started.clone(), dropped.clone());
+    let mut results = stream::iter(0..10_usize)
+        .par_imap_async(2, move |n| {
+            let (starts, guard) = (starts.clone(), DropCount(drops.clone()));
+            async move {
+                let _guard = guard;
+                starts.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                n
+            }
+        })
+        .cancel_token(token.clone());
+    let stats = results.stats();
+    assert!(futures::poll!(results.next()).is_pending());
+    assert!(
+        within_bound(|| started.load(Ordering::SeqCst) == 2).await,
+        "both calls never started"
+    );
+    // Nobody polls the map from now on.
+    token.cancel();
+    let aborted = within_bound(|| dropped.load(Ordering::SeqCst) == 2).await;
+    assert!(
+        aborted,
+        "a cancelled token left {} of 2 running async calls running while the map was not polled",
+        2 - dropped.load(Ordering::SeqCst)
+    );
+    let error = results.next().await.unwrap().unwrap_err();
+    assert!(error.is_cancelled() && error.index() == 0, "{error}");
+    assert!(results.next().await.is_none());
+    // The map ended but is still held: `in_flight` comes back to 0.
+    eventually_async("both calls to end", || {
+        let now = stats.snapshot();
+        (now.started, now.completed, now.in_flight) == (2, 2, 0)
+    })
+    .await;
+    drop(results);
+}
+
+// ---- 2. and 3. items behind a hung one in its call are stolen ----
+
+const ITEMS: u64 = 20_000;
+const HUNG: u64 = 10_000;
+
+/// Runs `results` (an unordered map of `0..ITEMS` whose item `HUNG` waits
+/// on gate `HUNG` of `gates`): every other item must arrive while it hangs;
+/// only then is it released.
+async fn every_other_item_arrives_while_one_hangs(
+    mut results: impl Stream<Item = Result<u64, par_imap::Error>> + Unpin,
+    gates: &Gates,
+) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let mut seen = 0;
+    while seen < ITEMS - 1 {
+        match tokio::time::timeout_at(deadline, results.next()).await {
+            Ok(Some(Ok(n))) => {
+                assert_ne!(n, HUNG, "the hung item came out");
+                seen += 1;
+            }
+            Ok(other) => panic!("after {seen} items: {other:?}"),
+            Err(_) => panic!(
+                "only {seen} of the {} other items arrived while item {HUNG} hung",
+                ITEMS - 1
+            ),
+        }
+    }
+    gates.open(HUNG as usize);
+    let last = tokio::time::timeout(BOUND, results.next()).await.unwrap();
+    assert_eq!(last.unwrap().unwrap(), HUNG);
+    assert!(results.next().await.is_none());
+}
+
+/// A mapper of trivial items, but item `HUNG` waits on its gate.
+fn hangs_at(gates: &Gates) -> impl Fn(u64) -> u64 + Send + Sync + 'static {
+    let gates = gates.clone();
+    move |n| {
+        if n == HUNG {
+            gates.wait(HUNG as usize);
+        }
+        n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_item_does_not_hold_back_the_rest_of_its_adaptive_call() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), HUNG as usize);
+    let results = stream::iter(0..ITEMS).par_imap_unordered(2, hangs_at(&gates));
+    every_other_item_arrives_while_one_hangs(results, &gates).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_item_does_not_hold_back_the_rest_of_its_fixed_batch() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), HUNG as usize);
+    let results = stream::iter(0..ITEMS)
+        .par_imap_unordered(2, hangs_at(&gates))
+        .batch(256);
+    every_other_item_arrives_while_one_hangs(results, &gates).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_item_does_not_hold_back_the_rest_of_its_call_under_a_timeout_that_never_fires() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), HUNG as usize);
+    let results = stream::iter(0..ITEMS)
+        .par_imap_unordered(2, hangs_at(&gates))
+        .timeout(Duration::from_secs(600));
+    every_other_item_arrives_while_one_hangs(results, &gates).await;
+}
+
+/// Row 3, in input order: with a `.timeout` that never fires, the items
+/// after a hung one (more than a call's most, fewer than the window holds)
+/// are all mapped while it hangs; afterwards every result comes, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_that_never_fires_keeps_stealing_from_a_call_with_a_hung_item() {
+    const AFTER: u64 = 1500;
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), HUNG as usize);
+    let mapped_after = Arc::new(AtomicU64::new(0));
+    let (count, hang) = (mapped_after.clone(), hangs_at(&gates));
+    let results = stream::iter(0..ITEMS)
+        .par_imap(2, move |n| {
+            if (HUNG + 1..=HUNG + AFTER).contains(&n) {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            hang(n)
+        })
+        .timeout(Duration::from_secs(600));
+    let consumer = tokio::spawn(results.try_collect::<Vec<u64>>());
+    let stolen = within_bound(|| mapped_after.load(Ordering::SeqCst) == AFTER).await;
+    assert!(
+        stolen,
+        "only {} of the {AFTER} items after hung item {HUNG} were mapped while it hung",
+        mapped_after.load(Ordering::SeqCst)
+    );
+    gates.open(HUNG as usize);
+    let all = tokio::time::timeout(BOUND, consumer)
+        .await
+        .expect("the map never ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(all, (0..ITEMS).collect::<Vec<_>>());
+}
+
+// ---- 4. a panicking Drop is contained ----
+
+/// A value whose `Drop` panics unless it was defused: an input the mapper
+/// never took, or an output the consumer never took.
+#[derive(Debug)]
+struct Bomb {
+    index: usize,
+    armed: bool,
+}
+
+impl Bomb {
+    fn new(index: usize) -> Self {
+        Bomb { index, armed: true }
+    }
+
+    fn defuse(mut self) -> usize {
+        self.armed = false;
+        self.index
+    }
+}
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        // Never while unwinding already: that would abort the test binary.
+        if self.armed && !std::thread::panicking() {
+            panic!("bomb {} went off in Drop", self.index);
+        }
+    }
+}
+
+/// What the consumer saw at one `next()`.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Value(usize),
+    Panic {
+        index: usize,
+        message: String,
+    },
+    OtherError(String),
+    End,
+    /// A panic unwound out of `poll_next`.
+    Unwound(String),
+    /// Nothing came within `BOUND`.
+    Hung,
+}
+
+/// Polls `results` to its end, each poll inside `catch_unwind`, each
+/// `next()` bounded; outputs are defused as they come. Stops at the first
+/// end, unwinding or hang; returns what was seen, then whether dropping
+/// the stream unwound (and with what message).
+async fn drain_caught<S, U>(
+    mut results: S,
+    value: impl Fn(U) -> usize,
+) -> (Vec<Seen>, Option<String>)
+where
+    S: Stream<Item = Result<U, par_imap::Error>> + Unpin,
+{
+    let mut seen = Vec::new();
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            match panic::catch_unwind(AssertUnwindSafe(|| results.poll_next_unpin(cx))) {
+                Ok(Poll::Ready(item)) => Poll::Ready(Ok(item)),
+                Ok(Poll::Pending) => Poll::Pending,
+                Err(payload) => Poll::Ready(Err(message(&*payload))),
+            }
+        });
+        let one = match tokio::time::timeout(BOUND, next).await {
+            Err(_) => Seen::Hung,
+            Ok(Err(unwound)) => Seen::Unwound(unwound),
+            Ok(Ok(None)) => Seen::End,
+            Ok(Ok(Some(Ok(output)))) => Seen::Value(value(output)),
+            Ok(Ok(Some(Err(error)))) if error.is_panic() => Seen::Panic {
+                index: error.index(),
+                message: message(&*error.into_panic()),
+            },
+            Ok(Ok(Some(Err(error)))) => Seen::OtherError(error.to_string()),
+        };
+        let stop = matches!(one, Seen::End | Seen::Unwound(_) | Seen::Hung);
+        seen.push(one);
+        if stop {
+            break;
+        }
+    }
+    let dropped = panic::catch_unwind(AssertUnwindSafe(move || drop(results)));
+    (seen, dropped.err().map(|payload| message(&*payload)))
+}
+
+/// Ok(0), Ok(1), item 2's own panic, the end; and a quiet drop.
+fn assert_prefix_then_panic_at_2(kind: &str, (seen, dropped): (Vec<Seen>, Option<String>)) {
+    let expected = vec![
+        Seen::Value(0),
+        Seen::Value(1),
+        Seen::Panic {
+            index: 2,
+            message: "two".to_owned(),
+        },
+        Seen::End,
+    ];
+    assert_eq!(seen, expected, "{kind}: what the consumer saw");
+    assert_eq!(
+        dropped, None,
+        "{kind}: a panic unwound out of dropping the stream"
+    );
+}
+
+/// Takes an input bomb: defuses it, and panics at item 2.
+fn defuse_and_fail_at_2(item: Bomb) -> usize {
+    let n = item.defuse();
+    assert!(n != 2, "two");
+    n
+}
+
+fn bombs(n: usize) -> impl Stream<Item = Bomb> + Unpin + Send + 'static {
+    stream::iter(0..n).map(Bomb::new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_drop_panic_after_a_failure_is_contained_ordered() {
+    // One worker: the calls queued behind the failing one are dropped
+    // unmapped on it.
+    let results = bombs(50).par_imap(1, defuse_and_fail_at_2);
+    assert_prefix_then_panic_at_2("par_imap(1)", drain_caught(results, |n| n).await);
+    let results = bombs(50).par_imap(2, defuse_and_fail_at_2);
+    assert_prefix_then_panic_at_2("par_imap(2)", drain_caught(results, |n| n).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_drop_panic_after_a_failure_is_contained_unordered() {
+    // One worker: completion order is input order.
+    let results = bombs(50).par_imap_unordered(1, defuse_and_fail_at_2);
+    assert_prefix_then_panic_at_2("par_imap_unordered", drain_caught(results, |n| n).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_drop_panic_on_a_worker_after_a_failure_in_a_batch_is_contained() {
+    // Items 3..8 of the failing call are dropped unmapped on its worker.
+    let results = bombs(50).par_imap(2, defuse_and_fail_at_2).batch(8);
+    assert_prefix_then_panic_at_2("par_imap .batch(8)", drain_caught(results, |n| n).await);
+    let results = bombs(50)
+        .par_imap_unordered(1, defuse_and_fail_at_2)
+        .batch(8);
+    assert_prefix_then_panic_at_2(
+        "par_imap_unordered .batch(8)",
+        drain_caught(results, |n| n).await,
+    );
+}
+
+/// A mapper over `0..3` whose outputs are bombs: items 1 and 2 end at
+/// once, item 0 panics once both have been mapped, so their outputs are
+/// unwanted.
+fn outputs_then_fail_at_0() -> impl Fn(usize) -> Bomb + Send + Sync + 'static {
+    let mapped = Arc::new(AtomicUsize::new(0));
+    move |n| {
+        if n == 0 {
+            let deadline = Instant::now() + BOUND;
+            while mapped.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            panic!("zero");
+        }
+        mapped.fetch_add(1, Ordering::SeqCst);
+        Bomb::new(n)
+    }
+}
+
+fn assert_only_the_panic_of_0(kind: &str, (seen, dropped): (Vec<Seen>, Option<String>)) {
+    let expected = vec![
+        Seen::Panic {
+            index: 0,
+            message: "zero".to_owned(),
+        },
+        Seen::End,
+    ];
+    assert_eq!(seen, expected, "{kind}: what the consumer saw");
+    assert_eq!(
+        dropped, None,
+        "{kind}: a panic unwound out of dropping the stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_drop_panic_of_unwanted_results_is_contained() {
+    let results = stream::iter(0..3_usize).par_imap(2, outputs_then_fail_at_0());
+    assert_only_the_panic_of_0("par_imap", drain_caught(results, Bomb::defuse).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_panics_of_unwanted_async_outputs_and_inputs_are_contained() {
+    let mapper = Arc::new(outputs_then_fail_at_0());
+    let results = stream::iter(0..3_usize).par_imap_async(3, move |n| {
+        let mapper = mapper.clone();
+        async move {
+            if n == 0 {
+                // Let items 1 and 2 be mapped first, without holding a thread.
+                tokio::task::yield_now().await;
+                return tokio::task::spawn_blocking(move || mapper(n))
+                    .await
+                    .unwrap_or_else(|error| panic::resume_unwind(error.into_panic()));
+            }
+            mapper(n)
+        }
+    });
+    assert_only_the_panic_of_0("par_imap_async", drain_caught(results, Bomb::defuse).await);
+
+    // Inputs: items 0 and 1 end at once, item 2 panics, item 3's call
+    // holds its bomb until it is aborted.
+    let results = bombs(50).par_imap_async(2, |item: Bomb| async move {
+        if item.index == 3 {
+            std::future::pending::<()>().await;
+        }
+        tokio::task::yield_now().await;
+        defuse_and_fail_at_2(item)
+    });
+    assert_prefix_then_panic_at_2("par_imap_async", drain_caught(results, |n| n).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_drop_panic_when_the_stream_is_dropped_is_contained() {
+    let mut results = stream::iter(0..3_usize).par_imap(2, Bomb::new);
+    let stats = results.stats();
+    let first = tokio::time::timeout(BOUND, results.next()).await.unwrap();
+    assert_eq!(first.unwrap().unwrap().defuse(), 0);
+    assert!(
+        within_bound(|| stats.snapshot().completed == 3).await,
+        "items 1 and 2 were never mapped: {stats:?}"
+    );
+    // Outputs 1 and 2 are finished and never yielded: the drop drops them.
+    let dropped = panic::catch_unwind(AssertUnwindSafe(move || drop(results)));
+    assert!(
+        dropped.is_ok(),
+        "a panic unwound out of dropping the stream: {}",
+        message(&*dropped.unwrap_err())
+    );
+}
+
+// ---- 5. in_flight never counts more calls than run ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_never_exceeds_the_calls_running_while_batches_complete() {
+    let results = stream::iter(0..200_000_u64).par_imap(2, |n| n);
+    let stats = results.stats();
+    let done = Arc::new(AtomicBool::new(false));
+    let (watcher, stop) = (stats.clone(), done.clone());
+    let reader = std::thread::spawn(move || {
+        let (mut most, mut reads) = (0, 0_u64);
+        while !stop.load(Ordering::Relaxed) {
+            most = watcher.snapshot().in_flight.max(most);
+            reads += 1;
+        }
+        (most, reads)
+    });
+    let count = tokio::time::timeout(
+        BOUND,
+        results.try_fold(0_u64, |count, _| async move { Ok(count + 1) }),
+    )
+    .await
+    .expect("the map never ended")
+    .unwrap();
+    done.store(true, Ordering::Relaxed);
+    let (most, reads) = reader.join().unwrap();
+    assert_eq!(count, 200_000);
+    assert!(
+        most <= 2,
+        "in_flight read {most} with limit 2 (in {reads} snapshots)"
+    );
+    assert_eq!(stats.snapshot().in_flight, 0);
+}
+
+// ---- 6. `.timeout` without the time driver: one clear panic, first poll ----
+
+/// Every kind of map over `0..4` with a timeout, as a boxed stream.
+fn every_kind_with_a_timeout() -> Vec<(&'static str, BoxStream<'static, ()>)> {
+    let d = Duration::from_secs(60);
+    vec![
+        (
+            "par_imap",
+            stream::iter(0..4_u64)
+                .par_imap(2, |n| n)
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "par_imap_unordered",
+            stream::iter(0..4_u64)
+                .par_imap_unordered(2, |n| n)
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "par_imap_async",
+            stream::iter(0..4_u64)
+                .par_imap_async(2, |n| async move { n })
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "par_imap_async_unordered",
+            stream::iter(0..4_u64)
+                .par_imap_async_unordered(2, |n| async move { n })
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "try_par_imap",
+            stream::iter(0..4_u64)
+                .try_par_imap(2, Ok::<u64, Mine>)
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "try_par_imap_unordered",
+            stream::iter(0..4_u64)
+                .try_par_imap_unordered(2, Ok::<u64, Mine>)
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "try_par_imap_async",
+            stream::iter(0..4_u64)
+                .try_par_imap_async(2, |n| async move { Ok::<_, Mine>(n) })
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+        (
+            "try_par_imap_async_unordered",
+            stream::iter(0..4_u64)
+                .try_par_imap_async_unordered(2, |n| async move { Ok::<_, Mine>(n) })
+                .timeout(d)
+                .map(drop)
+                .boxed(),
+        ),
+    ]
+}
+
+/// Polls each kind once, on a fresh runtime from `build` (no time
+/// driver); every first poll must panic naming `enable_time`. Returns the
+/// kinds that did otherwise, with what they did.
+fn first_poll_without_time_driver(build: fn() -> tokio::runtime::Runtime) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (kind, mut results) in every_kind_with_a_timeout() {
+        let runtime = build();
+        let first = panic::catch_unwind(AssertUnwindSafe(|| {
+            runtime.block_on(async { futures::poll!(results.next()) })
+        }));
+        match first {
+            Err(payload) => {
+                let message = message(&*payload);
+                if !message.contains("enable_time") {
+                    wrong.push(format!("{kind}: panicked with {message:?}"));
+                }
+            }
+            Ok(Poll::Pending) => wrong.push(format!("{kind}: first poll returned Pending")),
+            Ok(Poll::Ready(item)) => {
+                wrong.push(format!(
+                    "{kind}: first poll returned {:?}",
+                    item.map(|()| "an item")
+                ));
+            }
+        }
+        {
+            let _inside = runtime.enter();
+            let _ = panic::catch_unwind(AssertUnwindSafe(move || drop(results)));
+        }
+        drop(runtime);
+    }
+    wrong
+}
+
+#[test]
+fn timeout_without_time_driver_panics_at_first_poll_naming_enable_time_multi_thread() {
+    let wrong = first_poll_without_time_driver(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    });
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn timeout_without_time_driver_panics_at_first_poll_naming_enable_time_current_thread() {
+    let wrong = first_poll_without_time_driver(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    });
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}
