@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::batch::Batch;
 use crate::call::{self, Call, Current, Event, Progress, Shared};
-use crate::error::drop_contained;
+use crate::error::{drop_contained, drop_each};
 use crate::spawn::{IsFailure, Spawn};
 use crate::steal::Loot;
 use crate::trace;
@@ -152,7 +152,7 @@ where
         // `Drop` is contained.
         self.reports.close();
         while let Ok(event) = self.reports.try_recv() {
-            drop_contained(event);
+            event.discard();
         }
     }
 }
@@ -184,7 +184,7 @@ type OpenCalls<T, U> = Vec<Arc<Open<T, U>>>;
 /// a call over some of them needs.
 struct Open<T, U> {
     call: usize,
-    loot: Loot<T>,
+    loot: Loot<T, Result<U, Error>>,
     shared: Arc<Shared>,
     is_failure: IsFailure<U>,
     steal_after: std::time::Duration,
@@ -240,40 +240,58 @@ where
         call.send(event);
     }
 
-    /// Takes the back half of what a running call past its steal time has
-    /// not started (the call with the most left), as a call of its own.
+    /// Dropped unrun: its items one by one, a panic of their `Drop` contained.
+    fn discard(self) {
+        let BlockingJob { items, call, .. } = self;
+        drop_each(items);
+        drop(call);
+    }
+
+    /// Takes from a running call past its steal time (the one with the
+    /// most left): the back half of the items it has not started, as a call
+    /// of its own, and the results it finished, delivered at once. With no
+    /// item left, the results alone.
     fn steal(crew: &Crew<T, F>) -> Steal<Self> {
         let now = Instant::now();
-        let mut open: Vec<_> = crew.open().clone();
-        open.retain(|open| open.loot.left() > 0 && !open.shared.is_cut_off(open.loot.next_index()));
+        let mut open: Vec<_> = crew
+            .open()
+            .iter()
+            .map(|open| (open.loot.left(), Arc::clone(open)))
+            .filter(|((left, waiting), open)| {
+                (*left > 0 || *waiting) && !open.shared.is_cut_off(open.loot.next_index())
+            })
+            .collect();
         // Most left first: the steal that moves the most work; then the
         // lowest call, whose results input order waits for first.
-        open.sort_by_key(|open| (std::cmp::Reverse(open.loot.left()), open.call));
+        open.sort_by_key(|((left, _), open)| (std::cmp::Reverse(*left), open.call));
         let mut soonest: Option<Instant> = None;
-        for open in open {
+        for ((left, _), open) in open {
             if open.loot.steal_at() > now {
                 soonest =
                     Some(soonest.map_or(open.loot.steal_at(), |at| at.min(open.loot.steal_at())));
                 continue;
             }
-            // A thief's call holds its permit before it takes anything: with
-            // none free it leaves the items to their owner.
+            // A thief's call holds its permit before it takes any item: with
+            // none free it takes the results alone.
             let permit = match open.shared.budget() {
-                Some(budget) => match Arc::clone(budget).try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    Err(_) => continue,
-                },
-                None => None,
+                Some(budget) if left > 0 => Arc::clone(budget).try_acquire_owned().ok(),
+                _ => None,
             };
-            let stolen = open.loot.steal(|at| {
-                let progress = open
-                    .shared
-                    .timeout()
-                    .map(|timeout| Progress::new(at, timeout));
+            let may_take = left > 0 && (permit.is_some() || open.shared.budget().is_none());
+            let stolen = open.loot.steal(may_take, |taken| {
+                let at = (taken.items > 0).then_some(taken.at);
+                let progress = at.and_then(|at| {
+                    let timeout = open.shared.timeout()?;
+                    Some(Progress::new(at, timeout))
+                });
+                // With deadlines the owner's results are in its progress:
+                // the engine takes them from there when it hears of this.
                 call::send(
                     &crew.report,
                     Event::Stolen {
                         call: open.call,
+                        done: taken.done,
+                        results: Batch::Many(taken.results),
                         at,
                         progress: progress.clone(),
                     },
@@ -283,6 +301,9 @@ where
             let Some((at, items, progress)) = stolen else {
                 continue;
             };
+            if items.is_empty() {
+                continue; // results only: delivered
+            }
             let mut call = Call::new(at, Arc::clone(&open.shared), progress, open.steal_after);
             call.report_to(crew.report.clone());
             if let Some(permit) = permit {
@@ -321,23 +342,23 @@ where
 {
     let first = call.first();
     if call.is_unwanted() {
-        drop_contained(items);
+        drop_each(items);
         return call.skip();
     }
     if let (Some(budget), false) = (call.shared().budget(), call.holds_permit()) {
         match wait_for_permit(budget, call.shared().ended()) {
             Some(Ok(permit)) => call.hold(permit),
             Some(Err(_closed)) => {
-                drop_contained(items);
+                drop_each(items);
                 return call.finish_one(Err(Error::cancelled(first)));
             }
             None => {
-                drop_contained(items);
+                drop_each(items);
                 return call.skip();
             }
         }
         if call.is_unwanted() {
-            drop_contained(items);
+            drop_each(items);
             return call.skip();
         }
     }
@@ -377,10 +398,6 @@ where
         }
         Batch::Many(items) => items,
     };
-    let mut results = Vec::new();
-    if call.progress().is_none() {
-        results.reserve_exact(items.len());
-    }
     let listed = Listed {
         crew,
         open: Arc::new(Open {
@@ -393,32 +410,34 @@ where
     };
     crew.open().push(Arc::clone(&listed.open));
     let loot = &listed.open.loot;
-    let mut index = first;
-    loop {
+    let mut last = None;
+    let mut mapped = 0;
+    // `None`: the end of the call's items, or a thief took the rest.
+    while let Some((index, item)) = loot.next(last.take()) {
         // The one "still wanted?" rule, before every item: a failure (here
         // or in another call), the token, the end of the map.
         if call.is_cut_off(index) {
-            loot.abandon(index);
+            drop_contained(item);
             break;
         }
-        // `None`: the end of the call's items, or a thief took the rest.
-        let Some(item) = loot.take(index) else {
-            break;
-        };
         current.item(index);
         if let (Some(progress), true) = (call.progress(), index > first) {
             progress.begin(index);
         }
         let result = map_one(index, item);
+        mapped += 1;
         match call.progress() {
             Some(progress) => settle(index, result, progress),
-            None => results.push(result),
+            None => last = Some(result),
         }
-        index += 1;
     }
-    drop(listed);
     drop(current);
-    call.finish(results, index - first)
+    // Under the loot's lock, so that a thief's delivery comes first.
+    let event = loot.finish(last, |done, results| {
+        call.finish_from(done, results, mapped)
+    });
+    drop(listed);
+    event
 }
 
 /// Waits on this worker thread for a permit of the budget, or for the map

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::batch::{Batch, Results};
-use crate::error::drop_contained;
+use crate::error::{drop_contained, drop_each};
 use crate::stats::Counters;
 
 /// Whether results come out in input or in completion order.
@@ -143,13 +143,17 @@ pub enum Event<U> {
         mapped: usize,
         busy: Duration,
     },
-    /// An idle worker took the items of `call` from `at` on (see
-    /// [`steal`](crate::steal)): they are the call `at` now, with its own
-    /// progress when items have deadlines. Sent before the thief's call
-    /// starts and before the owner's last report.
+    /// An idle worker took from the running `call` (see
+    /// [`steal`](crate::steal)) its `results` so far, from index `done` on
+    /// (with deadlines they are in the call's progress, for the engine to
+    /// take), and, with `at`, its items from `at` on: they are the call
+    /// `at` now, with its own progress when items have deadlines. Sent
+    /// before the thief's call starts and before the owner's next report.
     Stolen {
         call: usize,
-        at: usize,
+        done: usize,
+        results: Results<U>,
+        at: Option<usize>,
         progress: Option<Arc<Progress<U>>>,
     },
     /// The call never ran: it was no longer wanted when it came to run. A
@@ -293,7 +297,7 @@ impl<U> Progress<U> {
     }
 
     /// Everything not taken yet, and the index of its first result.
-    fn take(&self) -> (usize, Vec<Result<U, Error>>) {
+    pub(crate) fn take(&self) -> (usize, Vec<Result<U, Error>>) {
         let mut state = self.lock();
         let first = state.untaken;
         state.untaken += state.results.len();
@@ -412,12 +416,23 @@ impl<U> Call<U> {
     /// The call ended: `results` are its results from `first` on, unless
     /// they went through the progress, which then holds what is left.
     pub(crate) fn finish(&mut self, results: Vec<Result<U, Error>>, mapped: usize) -> Event<U> {
-        self.end(Batch::Many(results), mapped)
+        self.end(self.first, Batch::Many(results), mapped)
+    }
+
+    /// The call ended: `results` are its results from item `first` on (a
+    /// thief delivered those before), unless they went through the progress.
+    pub(crate) fn finish_from(
+        &mut self,
+        first: usize,
+        results: Vec<Result<U, Error>>,
+        mapped: usize,
+    ) -> Event<U> {
+        self.end(first, Batch::Many(results), mapped)
     }
 
     /// The call of one item ended, without a batch's allocation.
     pub(crate) fn finish_one(&mut self, result: Result<U, Error>) -> Event<U> {
-        self.end(Batch::One(result), 1)
+        self.end(self.first, Batch::One(result), 1)
     }
 
     /// The call will not run: it is no longer wanted. Not a failure.
@@ -438,13 +453,13 @@ impl<U> Call<U> {
     /// Counts the call as ended and makes its report. With a progress, the
     /// results not taken by the engine come from there: `results` is then
     /// empty.
-    fn end(&mut self, results: Results<U>, mapped: usize) -> Event<U> {
+    fn end(&mut self, first: usize, results: Results<U>, mapped: usize) -> Event<U> {
         let (first, results) = match &self.progress {
             Some(progress) if results.len() == 0 => {
                 let (first, taken) = progress.take();
                 (first, Batch::Many(taken))
             }
-            _ => (self.first, results),
+            _ => (first, results),
         };
         let busy = self.ended(mapped);
         Event::Finished {
@@ -474,6 +489,21 @@ impl<U> Call<U> {
 }
 
 impl<U> Event<U> {
+    /// Drops a report nobody will take in, its results one by one: a panic
+    /// of a result's `Drop` is contained.
+    pub(crate) fn discard(self) {
+        match self {
+            Event::Finished { results, .. } => drop_each(results),
+            Event::Stolen {
+                results, progress, ..
+            } => {
+                drop_each(results);
+                drop_contained(progress);
+            }
+            Event::Started { .. } | Event::Skipped { .. } => {}
+        }
+    }
+
     /// The report of call `call`, torn down before it ended: `error` for
     /// its item `first`, the first it had not reported.
     pub(crate) fn torn_down(call: usize, first: usize, error: Error) -> Self {
@@ -522,7 +552,7 @@ impl<U> Drop for Call<U> {
 /// letting a panic of its values' `Drop` unwind.
 pub(crate) fn send<U>(report: &UnboundedSender<Event<U>>, event: Event<U>) {
     if let Err(unsent) = report.send(event) {
-        drop_contained(unsent.0);
+        unsent.0.discard();
     }
 }
 

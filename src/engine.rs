@@ -10,21 +10,20 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 
 use futures::Stream;
 use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::batch::{Batch, Results};
 use crate::call::{Call, Event, Order, Progress, Shared};
 use crate::deadline::Deadlines;
-use crate::error::drop_contained;
+use crate::error::{drop_contained, drop_each};
 use crate::options::Options;
-use crate::reorder::Reorder;
+use crate::reorder::{Part, Reorder};
 use crate::sizer::{self, Sizer};
 use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
@@ -35,6 +34,22 @@ mod timeouts;
 /// Results of one batch handed out in a row without looking at reports,
 /// deadlines or new calls.
 const QUICK_YIELDS: u8 = 15;
+
+/// The waker the caller's token calls from `cancel()`: the map's calls stop
+/// at once, whoever polls.
+struct EndOnCancel {
+    token: CancellationToken,
+    shared: Arc<Shared>,
+}
+
+impl Wake for EndOnCancel {
+    fn wake(self: Arc<Self>) {
+        // The token's lock is released before it wakes its waiters.
+        if self.token.is_cancelled() {
+            self.shared.end();
+        }
+    }
+}
 
 /// The engine's hold on a running call.
 #[derive(Debug)]
@@ -53,9 +68,10 @@ pub(crate) struct Engine<U> {
     shared: Option<Arc<Shared>>,
     /// Resolves when the caller's token is cancelled.
     cancelled: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    /// Lowers the cutoff as soon as the caller's token is cancelled, so
-    /// running calls stop within one item, polled or not.
-    token_watch: Option<AbortOnDropHandle<()>>,
+    /// Registered on the caller's token with a waker that lowers the
+    /// cutoff: `cancel()` wakes it before it returns, so running calls map
+    /// no further item, polled or not.
+    token_watch: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     calls: Reorder<U, Running<U>>,
     deadlines: Deadlines,
     sizer: Sizer,
@@ -249,12 +265,19 @@ impl<U> Engine<U> {
         let shared = Arc::clone(self.shared());
         if let Some(token) = &self.options.token {
             self.cancelled = Some(Box::pin(token.clone().cancelled_owned()));
-            let token = token.clone();
-            let runtime = self.runtime.get_or_insert_with(Handle::current);
-            self.token_watch = Some(AbortOnDropHandle::new(runtime.spawn(async move {
-                token.cancelled().await;
-                shared.end();
-            })));
+            let mut watch = Box::pin(token.clone().cancelled_owned());
+            let waker = Waker::from(Arc::new(EndOnCancel {
+                token: token.clone(),
+                shared,
+            }));
+            if watch
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+            {
+                self.shared().end();
+            }
+            self.token_watch = Some(watch);
         }
     }
 
@@ -361,15 +384,25 @@ impl<U> Engine<U> {
                     let running = self.calls.skip(call);
                     self.disarm(call, running);
                 }
-                Event::Stolen { call, at, progress } => {
-                    self.in_flight += 1;
+                Event::Stolen {
+                    call,
+                    done,
+                    results,
+                    at,
+                    progress,
+                } => {
+                    if at.is_some() {
+                        self.in_flight += 1;
+                    }
+                    self.take_stolen(call, done, results, is_failure);
+                    let Some(at) = at else { return };
                     let thief = Running {
                         progress,
                         deadline: None,
                     };
                     // After a failure below it, the stolen part is not wanted.
                     if self.failed_at.is_some_and(|failed| failed < at) {
-                        return;
+                        return drop_contained(thief);
                     }
                     match self.calls.split(call, at, thief) {
                         Ok(None) => {}
@@ -389,12 +422,12 @@ impl<U> Engine<U> {
                     if !self.calls.is_running(call) {
                         // No longer wanted: dropped here, a panic of its
                         // `Drop` contained.
-                        drop_contained(results);
+                        drop_each(results);
                         return;
                     }
                     if results.last().is_some_and(Self::is_cancellation) {
                         self.cancelled_under = true;
-                        drop_contained(results);
+                        drop_each(results);
                         return;
                     }
                     let failure = self.count_failures(first, &results, is_failure);
@@ -405,6 +438,38 @@ impl<U> Engine<U> {
                     }
                 }
             }
+        }
+    }
+
+    /// A thief delivered the results of the running `call` so far (from
+    /// `done` on; with deadlines they wait in the call's progress, taken
+    /// here, where timeouts are taken too).
+    fn take_stolen(
+        &mut self,
+        call: usize,
+        done: usize,
+        results: Results<U>,
+        is_failure: IsFailure<U>,
+    ) {
+        let (done, results) = match self.calls.running(call) {
+            None => return drop_each(results),
+            Some((running, _)) => match &running.progress {
+                Some(progress) => {
+                    let (done, taken) = progress.take();
+                    (done, Batch::Many(taken))
+                }
+                None => (done, results),
+            },
+        };
+        if results.len() == 0 {
+            return;
+        }
+        let failure = self.count_failures(done, &results, is_failure);
+        if let Some(Part::Ended(running)) = self.calls.complete_part(call, done, results) {
+            self.disarm(call, Some(running));
+        }
+        if let Some(index) = failure {
+            self.failed(index);
         }
     }
 

@@ -323,3 +323,12 @@ impl From<Error> for std::io::Error {
 pub(crate) fn drop_contained<X>(value: X) {
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
 }
+
+/// Drops each of `values` as [`drop_contained`] does: a collection whose
+/// values' `Drop` panic must not be dropped whole, since a second panic
+/// while the first unwinds aborts the process.
+pub(crate) fn drop_each<I: IntoIterator>(values: I) {
+    for value in values {
+        drop_contained(value);
+    }
+}

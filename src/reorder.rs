@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use crate::Error;
 use crate::batch::{BatchIter, Results};
 use crate::call::Order;
-use crate::error::drop_contained;
+use crate::error::{drop_contained, drop_each};
 
 /// The results of one call, yielded one by one.
 #[derive(Debug)]
@@ -74,6 +74,17 @@ struct Slot<U, R> {
     first: usize,
     end: usize,
     state: State<U, R>,
+}
+
+/// Drops slots the map no longer wants, their results one by one: a panic
+/// of a result's `Drop` is contained.
+fn drop_slots<U, R>(slots: impl IntoIterator<Item = Slot<U, R>>) {
+    for slot in slots {
+        match slot.state {
+            State::Done(drain) => drop_each(drain.results),
+            other => drop_contained(other),
+        }
+    }
 }
 
 /// Results of the calls of one map, in the order they are to be yielded.
@@ -273,7 +284,7 @@ impl<U, R> Reorder<U, R> {
     /// order); their handles are dropped.
     pub(crate) fn truncate_after(&mut self, index: usize) {
         let keep = self.slots.partition_point(|slot| slot.first <= index);
-        drop_contained(self.slots.split_off(keep));
+        drop_slots(self.slots.split_off(keep));
     }
 
     /// Forgets every call not finished yet (fail-fast in completion order);
@@ -286,15 +297,15 @@ impl<U, R> Reorder<U, R> {
             .into_iter()
             .partition(|slot| matches!(slot.state, State::Done(_)));
         self.slots = done;
-        drop_contained::<VecDeque<_>>(unfinished);
+        drop_slots::<U, R>(unfinished);
     }
 
     /// Forgets everything: the map ended.
     pub(crate) fn clear(&mut self) {
-        drop_contained((
-            std::mem::take(&mut self.slots),
-            std::mem::take(&mut self.ready),
-        ));
+        drop_slots(std::mem::take(&mut self.slots));
+        std::mem::take(&mut self.ready)
+            .into_iter()
+            .for_each(|drain| drop_each(drain.results));
         self.mid_drain = false;
     }
 

@@ -1,87 +1,108 @@
-//! Work stealing inside blocking calls. A call of several items keeps them
-//! in its [`Loot`]: its own worker takes them one by one, in order, and once
-//! the call is past its steal time an idle worker may take the back half of
-//! the items it has not started, at any moment, even while the owner is
-//! stuck inside one item. So a slow or hung item never holds back the items
-//! after it in its call.
+//! Work stealing inside blocking calls. A call of several items keeps its
+//! items not started, and its results not yet delivered, in its [`Loot`]:
+//! its own worker hands in each result and takes the next item in one step,
+//! and once the call is past its steal time an idle worker may, at any
+//! moment, even while the owner is stuck inside one item, take the back
+//! half of the items not started (a call of its own) and the results
+//! finished so far (delivered at once). So a slow or hung item never holds
+//! back the items of its call, before or after it.
 //!
-//! Protocol. Every item sits in a slot of its own. The owner takes slot
-//! after slot and stops at the first empty one: a thief took it, and with
-//! it every slot after it. A thief, one at a time under the `end` lock,
-//! takes the first slot it can from the middle of what the owner has not
-//! started, then every slot after it up to the owner's end, and announces
-//! the steal before it lets go of that lock. An owner that finds a slot
-//! empty takes the same lock once before it reports, so the engine always
-//! hears of a steal before it hears the owner's last results. Nothing is
-//! ever in two hands: a slot is emptied under its own lock, by exactly one.
+//! Protocol. One lock per call guards both; the owner takes it once per
+//! item, a thief once per steal. A thief announces what it took (to the
+//! engine, as one report) while it holds the lock, and the owner makes its
+//! last report under the same lock, so the engine always hears of a steal
+//! before the owner's end, and results come to it in index order. Nothing
+//! is ever in two hands: each item and each result leaves the loot once.
 //!
-//! The owner pays one uncontended lock per item; a thief never touches the
-//! slots the owner is about to take unless it takes them from the middle.
+//! The seam for per-key order: a thief must not take an item whose key has
+//! an earlier item not finished in the call; [`Loot::steal`] is where that
+//! check goes.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use crate::error::drop_contained;
+use crate::error::drop_each;
 
-/// The items of one running call, shared between its worker and thieves.
+/// The items not started and the results not delivered of one running
+/// call, shared between its worker and thieves.
 #[derive(Debug)]
-pub(crate) struct Loot<T> {
-    /// The index of the item in `slots[0]`.
-    first: usize,
-    slots: Box<[Mutex<Option<T>>]>,
-    /// The owner's next slot: a thief takes only from here on.
-    next: AtomicUsize,
-    /// The end of the owner's slots: what a thief took is past it. Thieves
-    /// take one at a time, under this lock, and announce under it.
-    end: Mutex<usize>,
+pub(crate) struct Loot<T, R> {
+    state: Mutex<State<T, R>>,
     /// From this moment on, thieves may take.
     steal_at: Instant,
 }
 
-fn lock<X>(mutex: &Mutex<X>) -> MutexGuard<'_, X> {
-    // Never held around user code: a poisoned lock is recovered.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+#[derive(Debug)]
+struct State<T, R> {
+    /// The items not started, from index `next` on.
+    items: VecDeque<T>,
+    next: usize,
+    /// The results not delivered, from index `done` on.
+    results: Vec<R>,
+    done: usize,
 }
 
-impl<T> Loot<T> {
+/// What a thief took, as it announces it: `items` items from index `at`
+/// on (none for a harvest of results only), and the `results` from index
+/// `done` on.
+#[derive(Debug)]
+pub(crate) struct Taken<R> {
+    pub(crate) at: usize,
+    pub(crate) items: usize,
+    pub(crate) done: usize,
+    pub(crate) results: Vec<R>,
+}
+
+impl<T, R> Loot<T, R> {
     /// `items`, the first of which is item `first`, stealable from `steal_at`.
     pub(crate) fn new(first: usize, items: Vec<T>, steal_at: Instant) -> Self {
-        let slots: Box<[Mutex<Option<T>>]> = items
-            .into_iter()
-            .map(|item| Mutex::new(Some(item)))
-            .collect();
         Loot {
-            first,
-            end: Mutex::new(slots.len()),
-            slots,
-            next: AtomicUsize::new(0),
+            state: Mutex::new(State {
+                items: items.into(),
+                next: first,
+                results: Vec::new(),
+                done: first,
+            }),
             steal_at,
         }
     }
 
-    /// The owner takes item `index`; `None` at the end of its items, or
-    /// when a thief took this one and every later one.
-    pub(crate) fn take(&self, index: usize) -> Option<T> {
-        let at = index.checked_sub(self.first)?;
-        let item = lock(self.slots.get(at)?).take();
-        self.next.store(at + 1, Relaxed);
-        if item.is_none() {
-            // The thief announced the steal under this lock: once we hold
-            // it, the engine has heard of the steal before our report.
-            drop(lock(&self.end));
-        }
-        item
+    fn lock(&self) -> MutexGuard<'_, State<T, R>> {
+        // Never held around user code: a poisoned lock is recovered.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The owner stops at item `index`, which the map no longer wants:
-    /// its items not taken by a thief are dropped here.
-    pub(crate) fn abandon(&self, index: usize) {
-        let mut index = index;
-        while let Some(item) = self.take(index) {
-            drop_contained(item);
-            index += 1;
-        }
+    /// The owner hands in the result of the item it mapped last (if any)
+    /// and takes the next item: `None` at the end of its items, or when a
+    /// thief took the rest.
+    pub(crate) fn next(&self, result: Option<R>) -> Option<(usize, T)> {
+        let mut state = self.lock();
+        state.results.extend(result);
+        let item = state.items.pop_front()?;
+        let index = state.next;
+        state.next += 1;
+        Some((index, item))
+    }
+
+    /// The owner stops: it hands in its last result, and `report` makes
+    /// its report, under the lock, from the results not delivered (from
+    /// their first index). The items it did not start, and no thief took,
+    /// are dropped (the map no longer wants them).
+    pub(crate) fn finish<E>(
+        &self,
+        result: Option<R>,
+        report: impl FnOnce(usize, Vec<R>) -> E,
+    ) -> E {
+        let mut state = self.lock();
+        state.results.extend(result);
+        let left = std::mem::take(&mut state.items);
+        let done = state.done;
+        state.done += state.results.len();
+        let event = report(done, std::mem::take(&mut state.results));
+        drop(state);
+        drop_each(left);
+        event
     }
 
     /// When thieves may take from this call.
@@ -89,63 +110,61 @@ impl<T> Loot<T> {
         self.steal_at
     }
 
-    /// The index of the next item the owner will take.
-    pub(crate) fn next_index(&self) -> usize {
-        self.first + self.next.load(Relaxed)
+    /// How many items the owner has not started, and whether results wait.
+    pub(crate) fn left(&self) -> (usize, bool) {
+        let state = self.lock();
+        (state.items.len(), !state.results.is_empty())
     }
 
-    /// How many items the owner has not started.
-    pub(crate) fn left(&self) -> usize {
-        lock(&self.end).saturating_sub(self.next.load(Relaxed))
+    /// The index of the next item the owner will take.
+    pub(crate) fn next_index(&self) -> usize {
+        self.lock().next
     }
 
     /// A thief takes the back half (rounded up) of the items the owner has
-    /// not started. `announce(first)` is called with the index of the first
-    /// item taken before the owner can see the steal; the items come back
-    /// from that index on.
-    pub(crate) fn steal<A>(&self, announce: impl FnOnce(usize) -> A) -> Option<(usize, Vec<T>, A)> {
-        let mut end = lock(&self.end);
-        let next = self.next.load(Relaxed);
-        if next >= *end {
+    /// not started, if it may `take_items`, and the results the owner has
+    /// finished; with no item taken, the results alone (`items` empty), and
+    /// with neither, nothing.
+    /// `announce` is called with what was taken before the owner can go on,
+    /// so that the engine hears of it before the owner's next report; it
+    /// returns what the thief keeps beside the items.
+    pub(crate) fn steal<A>(
+        &self,
+        take_items: bool,
+        announce: impl FnOnce(Taken<R>) -> A,
+    ) -> Option<(usize, Vec<T>, A)> {
+        let mut state = self.lock();
+        let keep = if take_items {
+            state.items.len() / 2
+        } else {
+            state.items.len()
+        };
+        if keep == state.items.len() && state.results.is_empty() {
             return None;
         }
-        let mut at = next + (*end - next) / 2;
-        // The owner may have moved past the middle meanwhile: the first slot
-        // still full is where the steal begins.
-        let first_item = loop {
-            if at >= *end {
-                return None;
-            }
-            if let Some(item) = lock(&self.slots[at]).take() {
-                break item;
-            }
-            at += 1;
-        };
-        let mut items = Vec::with_capacity(*end - at);
-        items.push(first_item);
-        // The owner stops at slot `at`: the rest is the thief's alone.
-        for slot in &self.slots[at + 1..*end] {
-            items.extend(lock(slot).take());
-        }
-        let announced = announce(self.first + at);
-        *end = at;
-        Some((self.first + at, items, announced))
+        let items: Vec<T> = state.items.split_off(keep).into();
+        let at = state.next + keep;
+        let done = state.done;
+        state.done += state.results.len();
+        let results = std::mem::take(&mut state.results);
+        let kept = announce(Taken {
+            at,
+            items: items.len(),
+            done,
+            results,
+        });
+        drop(state);
+        Some((at, items, kept))
     }
 }
 
-impl<T> Drop for Loot<T> {
-    /// Items left (a call torn down between two items) are dropped without
-    /// letting a panic of theirs unwind.
+impl<T, R> Drop for Loot<T, R> {
+    /// Items and results left (a call torn down between two items) are
+    /// dropped without letting a panic of theirs unwind.
     fn drop(&mut self) {
-        for slot in self.slots.iter_mut() {
-            if let Some(item) = slot
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-            {
-                drop_contained(item);
-            }
-        }
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        drop_each(std::mem::take(&mut state.items));
+        drop_each(std::mem::take(&mut state.results));
     }
 }
 
@@ -153,72 +172,94 @@ impl<T> Drop for Loot<T> {
 mod tests {
     use super::*;
 
-    fn loot(first: usize, len: usize) -> Loot<usize> {
+    fn loot(first: usize, len: usize) -> Loot<usize, usize> {
         Loot::new(first, (first..first + len).collect(), Instant::now())
+    }
+
+    /// Steals once; returns (at, items, done, results).
+    fn steal(loot: &Loot<usize, usize>) -> Option<(usize, Vec<usize>, usize, Vec<usize>)> {
+        let (at, items, (done, results)) = loot.steal(true, |taken| (taken.done, taken.results))?;
+        Some((at, items, done, results))
     }
 
     #[test]
     fn the_owner_takes_every_item_in_order_when_nobody_steals() {
-        let loot = loot(10, 4);
-        let taken: Vec<_> = (10..15).map_while(|index| loot.take(index)).collect();
-        assert_eq!(taken, [10, 11, 12, 13]);
-        assert_eq!(loot.left(), 0);
-        assert!(loot.steal(|_| ()).is_none(), "nothing left to steal");
+        let loot = loot(10, 3);
+        let mut last = None;
+        let mut mapped = Vec::new();
+        while let Some((index, item)) = loot.next(last.take()) {
+            assert_eq!(index, item);
+            mapped.push(index);
+            last = Some(item * 2);
+        }
+        assert_eq!(mapped, [10, 11, 12]);
+        let (done, results) = loot.finish(last, |done, results| (done, results));
+        assert_eq!((done, results), (10, vec![20, 22, 24]));
+        assert!(steal(&loot).is_none(), "nothing left to steal");
     }
 
     #[test]
-    fn a_thief_takes_the_back_half_and_the_owner_stops_before_it() {
+    fn a_thief_takes_the_back_half_and_the_results_so_far() {
         let loot = loot(0, 10);
-        assert_eq!(loot.take(0), Some(0)); // the owner runs item 0 (hung, say)
-        let (first, items, announced) = loot.steal(|first| first * 100).unwrap();
-        // Left: 1..10 (9 items); the thief takes the back 5.
-        assert_eq!((first, announced), (5, 500));
-        assert_eq!(items, [5, 6, 7, 8, 9]);
-        assert_eq!(loot.next_index(), 1);
-        let owner: Vec<_> = (1..10).map_while(|index| loot.take(index)).collect();
-        assert_eq!(owner, [1, 2, 3, 4], "the owner stops where the thief began");
+        assert_eq!(loot.next(None), Some((0, 0)));
+        assert_eq!(loot.next(Some(100)), Some((1, 1))); // item 1 hangs, say
+        // Not started: 2..10 (8 items); the thief takes the back 4.
+        let (at, items, done, results) = steal(&loot).unwrap();
+        assert_eq!((at, items), (6, vec![6, 7, 8, 9]));
+        assert_eq!(
+            (done, results),
+            (0, vec![100]),
+            "item 0's result goes at once"
+        );
+        assert_eq!(loot.next_index(), 2);
+        let mut owner = Vec::new();
+        let mut last = Some(101);
+        while let Some((index, _)) = loot.next(last.take()) {
+            owner.push(index);
+            last = Some(100 + index);
+        }
+        assert_eq!(owner, [2, 3, 4, 5], "the owner stops where the thief began");
+        let (done, results) = loot.finish(last, |done, results| (done, results));
+        assert_eq!((done, results), (1, vec![101, 102, 103, 104, 105]));
     }
 
     #[test]
-    fn thieves_split_again_until_one_item_is_left_to_the_owner() {
+    fn thieves_split_again_until_the_owner_has_none_left() {
         let loot = loot(0, 8);
-        assert_eq!(loot.take(0), Some(0));
+        assert_eq!(loot.next(None), Some((0, 0))); // hung
         let mut stolen = Vec::new();
-        while let Some((first, items, ())) = loot.steal(|_| ()) {
-            assert_eq!(items[0], first, "a steal is one consecutive range");
+        while let Some((at, items, _, _)) = steal(&loot) {
+            assert_eq!(items.first(), Some(&at), "a steal is one consecutive range");
             stolen.push(items);
         }
-        // 1..8 left: the thieves take 4..8, then 2..4, then 1..2.
+        // 1..8 not started: the thieves take 4..8, 2..4, 1..2.
         assert_eq!(stolen, [vec![4, 5, 6, 7], vec![2, 3], vec![1]]);
-        assert_eq!(loot.take(1), None, "the owner finds the rest taken");
+        assert_eq!(loot.next(Some(0)), None, "the owner finds the rest taken");
     }
 
     #[test]
-    fn a_steal_begins_past_items_the_owner_took_meanwhile() {
-        let loot = loot(0, 6);
-        // The owner took 0..4 but has not yet published its position 4 for
-        // the middle: emulate by taking the slots directly.
-        for index in 0..4 {
-            assert_eq!(loot.take(index), Some(index));
-        }
-        let (first, items, ()) = loot.steal(|_| ()).unwrap();
-        assert_eq!((first, items), (5, vec![5]));
-        assert_eq!(loot.take(4), Some(4));
-        assert_eq!(loot.take(5), None);
+    fn a_thief_harvests_results_alone_when_no_item_is_left() {
+        let loot = loot(0, 2);
+        assert_eq!(loot.next(None), Some((0, 0)));
+        assert_eq!(loot.next(Some(10)), Some((1, 1))); // the last item hangs
+        assert_eq!(steal(&loot), Some((2, vec![], 0, vec![10])));
+        assert_eq!(steal(&loot), None, "nothing more until the owner goes on");
+        let (done, results) = loot.finish(Some(11), |done, results| (done, results));
+        assert_eq!((done, results), (1, vec![11]));
     }
 
     #[test]
-    fn abandon_drops_what_the_owner_did_not_take_and_leaves_the_thiefs() {
+    fn finish_drops_what_nobody_started_and_leaves_the_thiefs() {
         use std::sync::Arc;
         let counted = Arc::new(());
         let items: Vec<_> = (0..6).map(|_| Arc::clone(&counted)).collect();
-        let loot = Loot::new(0, items, Instant::now());
-        drop(loot.take(0));
-        let (_, stolen, ()) = loot.steal(|_| ()).unwrap();
-        assert_eq!(stolen.len(), 3, "1..6: the back 3");
-        loot.abandon(1);
+        let loot: Loot<Arc<()>, ()> = Loot::new(0, items, Instant::now());
+        drop(loot.next(None));
+        let (at, taken, ()) = loot.steal(true, |_| ()).unwrap();
+        assert_eq!((at, taken.len()), (3, 3), "1..6: the back 3");
+        loot.finish(None, |_, _| ());
         assert_eq!(Arc::strong_count(&counted), 4, "the thief's 3 and ours");
-        drop(stolen);
+        drop(taken);
         drop(loot);
         assert_eq!(Arc::strong_count(&counted), 1);
     }
@@ -231,9 +272,9 @@ mod tests {
                 panic!("boom");
             }
         }
-        let loot = Loot::new(0, vec![Bomb, Bomb, Bomb], Instant::now());
-        std::mem::forget(loot.take(0));
-        loot.abandon(1);
-        drop(Loot::new(0, vec![Bomb], Instant::now()));
+        let loot: Loot<Bomb, ()> = Loot::new(0, vec![Bomb, Bomb, Bomb], Instant::now());
+        std::mem::forget(loot.next(None));
+        loot.finish(None, |_, _| ());
+        drop(Loot::<Bomb, Bomb>::new(0, vec![Bomb], Instant::now()));
     }
 }

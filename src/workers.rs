@@ -70,6 +70,10 @@ pub trait Job: Send + Sized + 'static {
     fn steal(_shared: &Self::Shared) -> Steal<Self> {
         Steal::Nothing
     }
+
+    /// Drops the job unrun (the pool closed); a panic here is contained by
+    /// the pool.
+    fn discard(self) {}
 }
 
 /// What an idle worker finds to steal.
@@ -138,7 +142,7 @@ impl<J: Job> Workers<J> {
         let mut queue = self.pool.lock();
         if queue.closed {
             drop(queue);
-            drop_contained(job);
+            discard(job);
             return None;
         }
         queue.jobs.push_back(job);
@@ -170,14 +174,14 @@ impl<J: Job> Workers<J> {
             mem::take(&mut queue.jobs)
         };
         self.pool.work.notify_all();
-        drop_contained(queued);
+        queued.into_iter().for_each(discard);
     }
 }
 
-/// Drops jobs nobody will run without letting a panic of their values'
-/// `Drop` (user code) unwind into the one dropping them.
-fn drop_contained<X>(value: X) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(value)));
+/// Drops a job nobody will run without letting a panic of its values'
+/// `Drop` (user code) unwind into the one dropping it.
+fn discard<J: Job>(job: J) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || job.discard()));
 }
 
 impl<J: Job> Drop for Workers<J> {
@@ -308,7 +312,7 @@ impl<J: Job> Drop for Worker<J> {
                 VecDeque::new()
             }
         };
-        drop_contained(orphans);
+        orphans.into_iter().for_each(discard);
     }
 }
 
