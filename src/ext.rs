@@ -356,6 +356,89 @@ pub trait ParImapExt: Stream {
     /// assert!(parsed[2].is_err());
     /// # }
     /// ```
+    ///
+    /// # Which item failed
+    ///
+    /// Your own error does not know its item: number the items with
+    /// `.enumerate()` before the map and put the index in it. The map's own
+    /// failures (a panic, a timeout, a cancellation) are a [`par_imap::Error`](Error)
+    /// with its [`index`](Error::index); with `E = std::io::Error` it is kept
+    /// inside, and `get_ref()` then `downcast_ref::<par_imap::Error>()` gives
+    /// it back:
+    ///
+    /// ```
+    /// use std::io;
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let results: Vec<io::Result<u64>> = stream::iter(["7", "x", "boom"])
+    ///     .enumerate()
+    ///     .try_par_imap(2, |(index, text): (usize, &str)| {
+    ///         assert_ne!(text, "boom", "a bug"); // a panic: the map's own error
+    ///         text.parse::<u64>()
+    ///             .map_err(|error| io::Error::other(format!("item {index}: {error}")))
+    ///     })
+    ///     .keep_going() // yield every failure at its place, to show both kinds
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(results[0].as_ref().unwrap(), &7);
+    /// // Your error: the index is the one you put in.
+    /// let yours = results[1].as_ref().unwrap_err();
+    /// assert_eq!(yours.to_string(), "item 1: invalid digit found in string");
+    /// // The map's error, inside the io::Error.
+    /// let panicked = results[2].as_ref().unwrap_err();
+    /// let map_error = panicked.get_ref().and_then(|inner| inner.downcast_ref::<par_imap::Error>());
+    /// assert!(map_error.is_some_and(|error| error.is_panic() && error.index() == 2));
+    /// # }
+    /// ```
+    ///
+    /// # When the error type cannot be inferred (E0283)
+    ///
+    /// A closure whose only error-typed expression is its final `Ok(n)` says
+    /// nothing about `E`, and many types satisfy `E: From<par_imap::Error>`:
+    ///
+    /// ```compile_fail,E0283
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let lengths: Vec<_> = stream::iter(["a", "bb"])
+    ///     .try_par_imap(2, |line: &str| {
+    ///         let n = line.len();
+    ///         Ok(n)
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// # }
+    /// ```
+    ///
+    /// (The doctest above checks that this does not compile; rustdoc checks
+    /// the error code itself only on a nightly toolchain.) rustc stops with
+    /// `error[E0283]: type annotations needed`, pointing at
+    /// `Ok` with "cannot infer type of the type parameter `E` declared on the
+    /// enum `Result`" and the note "cannot satisfy `_: From<par_imap::Error>`".
+    /// Name the error type where the value is made, `Ok::<_, E>(..)` (or in the
+    /// closure's return type, or in the type of what you collect):
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let lengths: Vec<_> = stream::iter(["a", "bb"])
+    ///     .try_par_imap(2, |line: &str| {
+    ///         let n = line.len();
+    ///         Ok::<_, std::io::Error>(n)
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(lengths.len(), 2);
+    /// # }
+    /// ```
     #[track_caller]
     fn try_par_imap<F, U, E>(self, limit: usize, f: F) -> ParImap<Self, F, Try<Blocking>>
     where
@@ -391,6 +474,46 @@ pub trait ParImapExt: Stream {
     ///     .try_collect::<Vec<u32>>()
     ///     .await;
     /// assert!(checked.is_err());
+    /// # }
+    /// ```
+    ///
+    /// # Which item failed
+    ///
+    /// In completion order the position in the output says nothing: number
+    /// the items with `.enumerate()` and put the index in your error. The
+    /// map's own failures are a [`par_imap::Error`](Error) with its
+    /// [`index`](Error::index), kept inside an `io::Error` (`get_ref()`, then
+    /// `downcast_ref::<par_imap::Error>()`). A closure ending in a bare
+    /// `Ok(n)` needs its error type named, `Ok::<_, E>(n)`: see
+    /// [`try_par_imap`](ParImapExt::try_par_imap), "When the error type cannot be inferred".
+    ///
+    /// ```
+    /// use std::io;
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let results: Vec<io::Result<u64>> = stream::iter(["7", "x", "boom"])
+    ///     .enumerate()
+    ///     .try_par_imap_unordered(2, |(index, text): (usize, &str)| {
+    ///         assert_ne!(text, "boom", "a bug"); // a panic: the map's own error
+    ///         text.parse::<u64>()
+    ///             .map_err(|error| io::Error::other(format!("item {index}: {error}")))
+    ///     })
+    ///     .keep_going() // yield every failure, to show both kinds
+    ///     .collect()
+    ///     .await;
+    /// let mut failures: Vec<String> = results
+    ///     .iter()
+    ///     .filter_map(|result| result.as_ref().err())
+    ///     .map(|error| match error.get_ref().and_then(|inner| inner.downcast_ref::<par_imap::Error>()) {
+    ///         Some(map_error) => format!("item {} panicked", map_error.index()),
+    ///         None => error.to_string(), // yours, with the index you put in
+    ///     })
+    ///     .collect();
+    /// failures.sort();
+    /// assert_eq!(failures, ["item 1: invalid digit found in string", "item 2 panicked"]);
     /// # }
     /// ```
     #[track_caller]
@@ -433,6 +556,48 @@ pub trait ParImapExt: Stream {
     /// # Ok(())
     /// # }
     /// ```
+    ///
+    /// The `Ok::<_, anyhow::Error>` above is needed: an `async` block ending in
+    /// a bare `Ok(..)` leaves `E` open, and rustc stops with E0283, "cannot
+    /// satisfy `_: From<par_imap::Error>`"; see
+    /// [`try_par_imap`](ParImapExt::try_par_imap), "When the error type cannot be inferred".
+    ///
+    /// # Which item failed
+    ///
+    /// Number the items with `.enumerate()` and put the index in your error.
+    /// The map's own failures, here a [`timeout`](ParImap::timeout), are a
+    /// [`par_imap::Error`](Error) with its [`index`](Error::index), kept
+    /// inside an `io::Error` of kind `TimedOut` (`get_ref()`, then
+    /// `downcast_ref::<par_imap::Error>()`):
+    ///
+    /// ```
+    /// use std::{io, time::Duration};
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let results: Vec<io::Result<u64>> = stream::iter(["7", "x", "hang"])
+    ///     .enumerate()
+    ///     .try_par_imap_async(2, |(index, text): (usize, &str)| async move {
+    ///         if text == "hang" {
+    ///             std::future::pending::<()>().await;
+    ///         }
+    ///         text.parse::<u64>()
+    ///             .map_err(|error| io::Error::other(format!("item {index}: {error}")))
+    ///     })
+    ///     .timeout(Duration::from_secs(5))
+    ///     .keep_going() // yield every failure at its place, to show both kinds
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(results[0].as_ref().unwrap(), &7);
+    /// assert_eq!(results[1].as_ref().unwrap_err().to_string(), "item 1: invalid digit found in string");
+    /// let timed_out = results[2].as_ref().unwrap_err();
+    /// assert_eq!(timed_out.kind(), io::ErrorKind::TimedOut);
+    /// let map_error = timed_out.get_ref().and_then(|inner| inner.downcast_ref::<par_imap::Error>());
+    /// assert!(map_error.is_some_and(|error| error.is_timeout() && error.index() == 2));
+    /// # }
+    /// ```
     #[track_caller]
     fn try_par_imap_async<F, Fut, U, E>(self, limit: usize, f: F) -> ParImap<Self, F, Try<Async>>
     where
@@ -472,6 +637,53 @@ pub trait ParImapExt: Stream {
     /// ids.sort();
     /// assert_eq!(ids, [7, 8]);
     /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// A bare `Ok(..)` at the end of the `async` block needs its error type
+    /// named, `Ok::<_, E>(..)` (E0283 otherwise: see
+    /// [`try_par_imap`](ParImapExt::try_par_imap), "When the error type cannot be inferred").
+    ///
+    /// # Which item failed
+    ///
+    /// In completion order the position in the output says nothing: number
+    /// the items with `.enumerate()` and put the index in your error. The
+    /// map's own failures, here a [`timeout`](ParImap::timeout), are a
+    /// [`par_imap::Error`](Error) with its [`index`](Error::index), kept
+    /// inside an `io::Error` (`get_ref()`, then
+    /// `downcast_ref::<par_imap::Error>()`):
+    ///
+    /// ```
+    /// use std::{io, time::Duration};
+    /// use futures::{stream, StreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let results: Vec<io::Result<u64>> = stream::iter(["7", "x", "hang"])
+    ///     .enumerate()
+    ///     .try_par_imap_async_unordered(2, |(index, text): (usize, &str)| async move {
+    ///         if text == "hang" {
+    ///             std::future::pending::<()>().await;
+    ///         }
+    ///         text.parse::<u64>()
+    ///             .map_err(|error| io::Error::other(format!("item {index}: {error}")))
+    ///     })
+    ///     .timeout(Duration::from_secs(5))
+    ///     .keep_going() // yield every failure, to show both kinds
+    ///     .collect()
+    ///     .await;
+    /// let mut failures: Vec<String> = results
+    ///     .iter()
+    ///     .filter_map(|result| result.as_ref().err())
+    ///     .map(|error| match error.get_ref().and_then(|inner| inner.downcast_ref::<par_imap::Error>()) {
+    ///         Some(map_error) if map_error.is_timeout() => format!("item {} timed out", map_error.index()),
+    ///         Some(map_error) => map_error.to_string(),
+    ///         None => error.to_string(), // yours, with the index you put in
+    ///     })
+    ///     .collect();
+    /// failures.sort();
+    /// assert_eq!(failures, ["item 1: invalid digit found in string", "item 2 timed out"]);
     /// # }
     /// ```
     #[track_caller]

@@ -62,6 +62,32 @@
 //! with calls in flight) is logged at `debug`. Without a subscriber this
 //! costs a branch; `default-features = false` removes it.
 //!
+//! # Panics and logging
+//!
+//! A panicking mapper never unwinds into the consumer: its item comes out as
+//! an [`Error`] at its index ([`Error::is_panic`], the message in its
+//! `Display`, the payload kept for [`std::panic::resume_unwind`] through
+//! [`Error::into_panic`]). The process's panic hook still runs first, on the
+//! panicking thread, so the default hook prints it to stderr though nothing
+//! crashed. Replace the hook once at start-up to keep it quiet or to send it
+//! through `tracing` ([`std::panic::take_hook`] gives back the old one):
+//!
+//! ```
+//! use futures::{stream, StreamExt};
+//! use par_imap::ParImapExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let printing_hook = std::panic::take_hook();
+//! std::panic::set_hook(Box::new(|info| tracing::error!(target: "panic", "{info}")));
+//! let results: Vec<_> = stream::iter([1_u32, 0]).par_imap(2, |n| 10 / n).collect().await;
+//! std::panic::set_hook(printing_hook);
+//! let error = results[1].as_ref().unwrap_err();
+//! assert!(error.is_panic() && error.index() == 1);
+//! assert_eq!(error.to_string(), "item 1 panicked: attempt to divide by zero");
+//! # }
+//! ```
+//!
 //! Every method is on [`ParImapExt`], implemented for every
 //! [`Stream`](futures::Stream); its docs list the variants and the semantics
 //! they share: order, laziness, the concurrency limit, fail-fast, drop as

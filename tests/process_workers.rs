@@ -309,3 +309,75 @@ async fn a_child_that_does_not_read_its_input_is_not_an_error() {
         .unwrap();
     assert!(output.is_empty());
 }
+
+/// Whether process `pid` still exists in any state, a zombie included
+/// (a reaped process has no `/proc` entry).
+fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Dropping a map with 32 children running, each a shell with a background
+/// grandchild, leaves none of the 64 processes behind, not even as a zombie:
+/// each group gets its `SIGKILL`, tokio reaps the shells, and the
+/// grandchildren's new parent reaps them. The wait is bounded; no duration is
+/// asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_map_of_32_children_leaves_no_child_grandchild_or_zombie() {
+    const CHILDREN: usize = 32;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_files: Vec<_> = (0..CHILDREN)
+        .map(|n| dir.path().join(format!("{n}.pids")))
+        .collect();
+    let files = pid_files.clone();
+    let mut results = stream::iter(0..CHILDREN).try_par_imap_async(CHILDREN, move |n| {
+        // The shell ($$) starts a sleep in the background ($!), records both
+        // pids (written to a side file, then renamed: never read half-done)
+        // and waits for the sleep.
+        let mut command = shell(r#"sleep 1000 & echo "$$ $!" >"$1.tmp" && mv "$1.tmp" "$1"; wait"#);
+        command.arg("sh").arg(&files[n]);
+        process::output(command, Vec::new())
+    });
+    let pending = tokio::time::timeout(Duration::from_millis(1), results.next()).await;
+    assert!(pending.is_err(), "every shell waits for its sleep");
+    let mut pids = Vec::new();
+    for file in &pid_files {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let recorded = loop {
+            if let Ok(text) = std::fs::read_to_string(file) {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a child never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        pids.extend(
+            recorded
+                .split_whitespace()
+                .map(|pid| pid.parse::<u32>().unwrap()),
+        );
+    }
+    assert_eq!(pids.len(), 2 * CHILDREN);
+    assert!(
+        pids.iter().all(|&pid| exists(pid)),
+        "all 64 run before the drop"
+    );
+
+    drop(results);
+
+    // Polled from a task, so that the runtime keeps reaping meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<u32> = pids.iter().copied().filter(|&pid| exists(pid)).collect();
+        if left.is_empty() && zombies() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 s after the drop these still exist: {left:?}, and {} zombie children",
+            zombies()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
