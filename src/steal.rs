@@ -59,9 +59,9 @@ impl<T, R> Loot<T, R> {
     pub(crate) fn new(first: usize, items: Vec<T>, steal_at: Instant) -> Self {
         Loot {
             state: Mutex::new(State {
+                results: Vec::with_capacity(items.len()),
                 items: items.into(),
                 next: first,
-                results: Vec::new(),
                 done: first,
             }),
             steal_at,
