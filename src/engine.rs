@@ -6,6 +6,23 @@
 //!
 //! A call maps one item, or several consecutive items (a batch); calls are
 //! named by the index of their first item.
+//!
+//! The map's life is one [`Phase`], which only moves forward. The parts:
+//! `start.rs` starts calls, `reports.rs` takes in what they report,
+//! `timeouts.rs` gives up items past their deadline; "is this item still
+//! wanted?" is one rule, the cutoff in [`Shared`], asked by every call
+//! before every item.
+//!
+//! An item's walk through a blocking map, seven hand-offs: (1) `pull` takes
+//! it from the input into a call's items; (2) the runner queues the call
+//! for the workers; (3) a worker takes the call and moves its items into
+//! the call's [`Loot`](crate::steal::Loot); (4) the worker, or an idle
+//! worker that stole it, takes it out and maps it; (5) its result goes back
+//! into the loot; (6) it leaves the loot in the call's report (or a
+//! thief's), on the runner's channel, to the engine, which completes the
+//! call's slot in the [reorder buffer](crate::reorder) with it; (7) the
+//! buffer hands it to the consumer. The buffer is touched once per result
+//! on the way in and once on the way out.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,17 +35,17 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::Error;
-use crate::batch::{Batch, Results};
-use crate::call::{Call, Event, Order, Progress, Shared};
+use crate::call::{Order, Progress, Shared};
 use crate::deadline::Deadlines;
-use crate::error::{drop_contained, drop_each};
 use crate::options::Options;
-use crate::reorder::{Part, Reorder};
-use crate::sizer::{self, Sizer};
+use crate::reorder::Reorder;
+use crate::sizer::Sizer;
 use crate::spawn::{IsFailure, Spawn};
 use crate::stats::Counters;
 use crate::trace;
 
+mod reports;
+mod start;
 mod timeouts;
 
 /// Results of one batch handed out in a row without looking at reports,
@@ -81,18 +98,31 @@ pub(crate) struct Engine<U> {
     /// Calls started and not yet really ended (a timed-out blocking call
     /// counts until it returns).
     in_flight: usize,
-    input_done: bool,
-    /// Fail-fast: the failure that ends the map once it is yielded.
-    failed_at: Option<usize>,
+    phase: Phase,
     /// Async calls from this index on are to be aborted: a failure made
     /// them unwanted.
     abort_from: Option<usize>,
-    /// A call came back cancelled by something other than the map: its
-    /// runtime shut down, or the budget was closed.
-    cancelled_under: bool,
     /// Results to hand out before phases 2 and 3 are looked at again.
     quick_yields: u8,
-    finished: bool,
+}
+
+/// Where a map is in its life. It moves only forward, through the methods
+/// of [`Engine`] named beside each phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Pulling input and starting calls.
+    Pulling,
+    /// The input ended (`pull`): the calls in flight finish.
+    InputDone,
+    /// Fail-fast (`failed`): item `at` failed; nothing is pulled or started
+    /// any more, and in input order the results before it are still owed.
+    Failed { at: usize },
+    /// A call came back cancelled by something other than the map (its
+    /// runtime shut down, the budget was closed): the map cancels at once.
+    CancelledUnder,
+    /// Ended (`finish`): nothing runs, nothing is held, `poll_next` returns
+    /// `None` from now on.
+    Ended,
 }
 
 impl<U> Engine<U> {
@@ -111,12 +141,9 @@ impl<U> Engine<U> {
             pulled: 0,
             yielded: 0,
             in_flight: 0,
-            input_done: false,
-            failed_at: None,
+            phase: Phase::Pulling,
             abort_from: None,
-            cancelled_under: false,
             quick_yields: 0,
-            finished: false,
         }
     }
 
@@ -147,7 +174,15 @@ impl<U> Engine<U> {
     }
 
     pub(crate) fn is_finished(&self) -> bool {
-        self.finished
+        self.phase == Phase::Ended
+    }
+
+    /// The failure that ends the map once it is yielded (fail-fast).
+    fn failed_at(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Failed { at } => Some(at),
+            _ => None,
+        }
     }
 
     /// At most this many items pulled and not yet yielded.
@@ -187,7 +222,7 @@ impl<U> Engine<U> {
         St: Stream<Item = T>,
         R: Spawn<T, Output = U>,
     {
-        if self.finished {
+        if self.is_finished() {
             return Poll::Ready(None);
         }
         if self.shared.is_none() {
@@ -221,7 +256,7 @@ impl<U> Engine<U> {
             if let Some(index) = self.abort_from.take() {
                 runner.abort_from(index);
             }
-            if self.cancelled_under {
+            if self.phase == Phase::CancelledUnder {
                 return Poll::Ready(self.cancel(input, runner));
             }
 
@@ -297,54 +332,6 @@ impl<U> Engine<U> {
         result
     }
 
-    /// Starts calls while the limit and the window have room.
-    fn start_calls<T, St, R>(
-        &mut self,
-        mut input: Pin<&mut Option<St>>,
-        runner: &mut R,
-        is_failure: IsFailure<U>,
-        cx: &mut Context<'_>,
-    ) where
-        St: Stream<Item = T>,
-        R: Spawn<T, Output = U>,
-    {
-        while self.can_start(R::BATCHES) {
-            let most = self.sizer.next_size();
-            let room = self.window() - (self.pulled - self.yielded);
-            // While calls run, wait for the consumer to make room for a
-            // fair share of the window rather than start a call on a few
-            // items: its dispatch would cost more than their work.
-            let share = self.window() / self.options.limit.saturating_mul(2);
-            if self.in_flight > 0 && room < most.min(share).max(1) {
-                break;
-            }
-            // Adaptive sizes also keep to a fair share of the window, so that
-            // a small window still lets every worker have a call.
-            let size = match self.options.batch {
-                None => most.min(share),
-                Some(_) => most,
-            };
-            let Some(items) = self.pull(input.as_mut(), cx, size.min(room).max(1)) else {
-                break;
-            };
-            let first = self.pulled;
-            self.pulled += items.len();
-            self.counters.pulled(items.len());
-            // Adaptive sizes: while workers are idle, what came is shared
-            // among them rather than queued behind one, so a slow item never
-            // holds back the ones after it while a worker is free.
-            let pieces = match self.options.batch {
-                None => self.options.limit.saturating_sub(self.in_flight),
-                Some(_) => 1,
-            };
-            items.split(first, pieces, |first, piece| {
-                let len = piece.len();
-                let running = self.start(runner, first, piece, is_failure);
-                self.calls.push(len, running);
-            });
-        }
-    }
-
     /// External cancellation, checked before anything else (the token's
     /// waker is registered only when the map waits).
     fn is_cancelled_from_outside(&self) -> bool {
@@ -372,267 +359,8 @@ impl<U> Engine<U> {
         })
     }
 
-    /// Takes in one report of a call.
-    fn take_in(&mut self, event: Event<U>, is_failure: IsFailure<U>) {
-        {
-            match event {
-                Event::Started { call } => self.arm(call, None),
-                Event::Skipped { call } => {
-                    self.in_flight -= 1;
-                    // A failure at a lower index, or the end of the map,
-                    // explains it; until then its items stay owed.
-                    let running = self.calls.skip(call);
-                    self.disarm(call, running);
-                }
-                Event::Stolen {
-                    call,
-                    done,
-                    results,
-                    at,
-                    progress,
-                } => {
-                    if at.is_some() {
-                        self.in_flight += 1;
-                    }
-                    self.take_stolen(call, done, results, is_failure);
-                    let Some(at) = at else { return };
-                    let thief = Running {
-                        progress,
-                        deadline: None,
-                    };
-                    // After a failure below it, the stolen part is not wanted.
-                    if self.failed_at.is_some_and(|failed| failed < at) {
-                        return drop_contained(thief);
-                    }
-                    match self.calls.split(call, at, thief) {
-                        Ok(None) => {}
-                        Ok(Some(owner)) => self.disarm(call, Some(owner)),
-                        Err(thief) => drop_contained(thief),
-                    }
-                }
-                Event::Finished {
-                    call,
-                    first,
-                    results,
-                    mapped,
-                    busy,
-                } => {
-                    self.in_flight -= 1;
-                    self.sizer.observe(mapped, busy);
-                    if !self.calls.is_running(call) {
-                        // No longer wanted: dropped here, a panic of its
-                        // `Drop` contained.
-                        drop_each(results);
-                        return;
-                    }
-                    if results.last().is_some_and(Self::is_cancellation) {
-                        self.cancelled_under = true;
-                        drop_each(results);
-                        return;
-                    }
-                    let failure = self.count_failures(first, &results, is_failure);
-                    let running = self.calls.complete(call, first, results);
-                    self.disarm(call, running);
-                    if let Some(index) = failure {
-                        self.failed(index);
-                    }
-                }
-            }
-        }
-    }
-
-    /// A thief delivered the results of the running `call` so far (from
-    /// `done` on; with deadlines they wait in the call's progress, taken
-    /// here, where timeouts are taken too).
-    fn take_stolen(
-        &mut self,
-        call: usize,
-        done: usize,
-        results: Results<U>,
-        is_failure: IsFailure<U>,
-    ) {
-        let (done, results) = match self.calls.running(call) {
-            None => return drop_each(results),
-            Some((running, _)) => match &running.progress {
-                Some(progress) => {
-                    let (done, taken) = progress.take();
-                    (done, Batch::Many(taken))
-                }
-                None => (done, results),
-            },
-        };
-        if results.len() == 0 {
-            return;
-        }
-        let failure = self.count_failures(done, &results, is_failure);
-        if let Some(Part::Ended(running)) = self.calls.complete_part(call, done, results) {
-            self.disarm(call, Some(running));
-        }
-        if let Some(index) = failure {
-            self.failed(index);
-        }
-    }
-
-    /// Only the machinery makes cancellation errors: a call that brings one
-    /// was torn down (its runtime shut down) or found the budget closed.
-    fn is_cancellation(result: &Result<U, Error>) -> bool {
-        result.as_ref().is_err_and(Error::is_cancelled)
-    }
-
-    /// Counts the failures among `results` (from index `first`); returns
-    /// the one that fails the map, if any: fail-fast stops a call at its
-    /// first failure, so it is the last result.
-    fn count_failures(
-        &self,
-        first: usize,
-        results: &Results<U>,
-        is_failure: IsFailure<U>,
-    ) -> Option<usize> {
-        if self.options.keep_going {
-            for _ in results.iter().filter(|result| is_failure(result)) {
-                self.counters.failed();
-            }
-            return None;
-        }
-        let last = results.last().filter(|result| is_failure(result))?;
-        let index = first + results.len() - 1;
-        self.observe_failure(index, last);
-        Some(index)
-    }
-
-    fn observe_failure(&self, index: usize, result: &Result<U, Error>) {
-        self.counters.failed();
-        trace::life!(
-            "par_imap: failure observed",
-            index = index,
-            kind = match result {
-                Err(error) if error.is_panic() => "panic",
-                Err(error) if error.is_timeout() => "timeout",
-                Err(_) => "cancelled",
-                Ok(_) => "error",
-            }
-        );
-    }
-
-    /// Fail-fast: item `index` failed. Nothing after it starts; in input
-    /// order the items before it still run to be yielded.
-    fn failed(&mut self, index: usize) {
-        if let Some(shared) = &self.shared {
-            shared.failed_at(index);
-        }
-        match self.options.order {
-            Order::Input => {
-                if self.failed_at.is_none_or(|earlier| index < earlier) {
-                    self.failed_at = Some(index);
-                    self.calls.truncate_after(index);
-                    self.abort(index + 1);
-                }
-            }
-            Order::Completion => {
-                self.failed_at = Some(index);
-                self.calls.forget_unfinished();
-                self.abort(0);
-            }
-        }
-    }
-
-    /// The running calls from item `index` on are no longer wanted: the
-    /// async ones are aborted before this poll ends.
-    fn abort(&mut self, index: usize) {
-        self.abort_from = Some(self.abort_from.map_or(index, |from| from.min(index)));
-    }
-
-    fn can_start(&self, batches: bool) -> bool {
-        // Blocking calls: one queued behind each running one, so a worker
-        // never waits for the consumer to hand it the next call.
-        let most_in_flight = if batches {
-            self.options.limit.saturating_mul(2)
-        } else {
-            self.options.limit
-        };
-        // A call takes its permit of the budget where it runs; while none is
-        // free, one call waiting for it is enough (its report wakes the
-        // map), so a starved map holds one input item at most.
-        let budget_allows = self.in_flight == 0
-            || self
-                .options
-                .budget
-                .as_ref()
-                .is_none_or(|budget| budget.available_permits() > 0);
-        // A call that failed cut the map off at once; until its report is
-        // taken in, pull nothing the failure makes unwanted.
-        let wanted = self
-            .shared
-            .as_ref()
-            .is_none_or(|shared| !shared.is_cut_off(self.pulled));
-        !self.input_done
-            && self.failed_at.is_none()
-            && wanted
-            && self.in_flight < most_in_flight
-            && self.pulled - self.yielded < self.window()
-            && budget_allows
-    }
-
-    /// Pulls the items of the next call: at least one, at most `most`, only
-    /// what the input has ready.
-    fn pull<T, St: Stream<Item = T>>(
-        &mut self,
-        mut input: Pin<&mut Option<St>>,
-        cx: &mut Context<'_>,
-        most: usize,
-    ) -> Option<Batch<T>> {
-        let mut next = || match input.as_mut().as_pin_mut()?.poll_next(cx) {
-            Poll::Ready(Some(item)) => Some(item),
-            Poll::Ready(None) => {
-                self.input_done = true;
-                None
-            }
-            Poll::Pending => None,
-        };
-        let first = next()?;
-        if most <= 1 {
-            return Some(Batch::One(first));
-        }
-        let mut items = Vec::with_capacity(most.min(sizer::MOST));
-        items.push(first);
-        while items.len() < most {
-            match next() {
-                Some(item) => items.push(item),
-                None => break,
-            }
-        }
-        Some(Batch::Many(items))
-    }
-
-    /// Starts the call over `items`, the first of which is item `first`.
-    fn start<T, R: Spawn<T, Output = U>>(
-        &mut self,
-        runner: &mut R,
-        first: usize,
-        items: Batch<T>,
-        is_failure: IsFailure<U>,
-    ) -> Running<U> {
-        // Blocking calls share their progress for the engine to time out an
-        // item that hangs; an async call keeps its own deadline.
-        let progress = self
-            .options
-            .timeout
-            .filter(|_| R::BATCHES)
-            .map(|timeout| Progress::new(first, timeout));
-        let steal_after = self.sizer.steal_after(items.len());
-        let shared = Arc::clone(self.shared());
-        let call = Call::new(first, shared, progress.clone(), steal_after);
-        let runtime = self.runtime.get_or_insert_with(Handle::current);
-        runner.spawn(runtime, items, call, is_failure);
-        self.in_flight += 1;
-        Running {
-            progress,
-            deadline: None,
-        }
-    }
-
     fn is_drained(&self) -> bool {
-        self.input_done && self.calls.is_empty()
+        self.phase == Phase::InputDone && self.calls.is_empty()
     }
 
     /// Ends the map: nothing more starts, running async calls are aborted,
@@ -642,7 +370,7 @@ impl<U> Engine<U> {
         mut input: Pin<&mut Option<St>>,
         runner: &mut R,
     ) {
-        self.finished = true;
+        self.phase = Phase::Ended;
         if let Some(shared) = &self.shared {
             shared.end();
         }
@@ -656,16 +384,16 @@ impl<U> Engine<U> {
 
     /// Upper bound of the items still to come, if the input gives one.
     pub(crate) fn size_hint(&self, input: (usize, Option<usize>)) -> (usize, Option<usize>) {
-        if self.finished {
+        if self.is_finished() {
             return (0, Some(0));
         }
         let pending = self.pulled - self.yielded;
-        let upper = match self.failed_at {
+        let upper = match self.failed_at() {
             Some(index) => Some(match self.options.order {
                 Order::Input => index + 1 - self.calls.lowest_owed(),
                 Order::Completion => self.calls.ready_len(),
             }),
-            None if self.input_done => Some(pending),
+            None if self.phase == Phase::InputDone => Some(pending),
             None => {
                 // A cancellation or a closed budget may add one error item
                 // after an input that has ended unseen.
@@ -694,7 +422,7 @@ impl<U> Drop for Engine<U> {
         }
         // The results not yielded go now, a panic of their `Drop` contained.
         self.calls.clear();
-        if self.in_flight > 0 && !self.finished {
+        if self.in_flight > 0 && !self.is_finished() {
             trace::life!(
                 "par_imap: dropped with calls in flight",
                 in_flight = self.in_flight

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Engine, Running};
+use super::{Engine, Phase, Running};
 use crate::Error;
 use crate::batch::Batch;
 use crate::call::Expiry;
@@ -61,7 +61,7 @@ impl<U> Engine<U> {
                 Due::Call(at, call) => due.push((at, call)),
                 Due::Nothing => break,
                 Due::RuntimeGone => {
-                    self.cancelled_under = true;
+                    self.phase = Phase::CancelledUnder;
                     return;
                 }
             }
