@@ -205,8 +205,11 @@ where
         self
     }
 
-    /// Cancels the whole map when `token` is cancelled: running async calls
-    /// are aborted, no call starts, and the stream yields one [`Error`] for
+    /// Cancels the whole map when `token` is cancelled: at once, whether or
+    /// not anyone polls the stream, running async calls are aborted, running
+    /// blocking calls map no further item (the map registers on the token,
+    /// so `cancel()` itself stops them), and no call starts; then the
+    /// stream yields one [`Error`] for
     /// which [`is_cancelled`](Error::is_cancelled) is true, at the lowest
     /// index not yet yielded, then ends. Results computed but not yet yielded
     /// are dropped; a failure waiting for its turn gives way to the
@@ -376,12 +379,19 @@ where
     /// `.batch(1)` is one item per call.
     ///
     /// Without it the size is adaptive: each call is sized from the
-    /// measured time per item so that its work (about 200 µs) costs far
+    /// measured time per item so that its work (about 500 µs) costs far
     /// more than handing it to a worker, from 1 item up to 1024; it starts
     /// at 1 (the first result is never held back), shrinks within a call or
-    /// two when items get slower, is shared among idle workers, and a call
-    /// that runs far longer than meant gives back its unmapped items to be
-    /// spread over every worker. `.batch(k)` turns all that off.
+    /// two when items get slower, and what is pulled is shared among idle
+    /// workers. `.batch(k)` fixes the size instead.
+    ///
+    /// A running call is never a black box: once it has run past its steal
+    /// time (2 ms with adaptive sizes; with `.batch(k)`, twice the call's
+    /// expected run time from the measured time per item), an idle worker
+    /// may at any moment take the back half of the items it has not
+    /// started, and the results it has finished, even while it is stuck in
+    /// one item. So a slow or hung item never holds back the items of its
+    /// call, with or without a timeout.
     ///
     /// A batch never waits to fill up: a call takes what the input has ready
     /// (at least one item), so latency does not grow. Results stay per item,
