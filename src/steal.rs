@@ -17,10 +17,17 @@
 //! The seam for per-key order: a thief must not take an item whose key has
 //! an earlier item not finished in the call; [`Loot::steal`] is where that
 //! check goes.
+//!
+//! Under `cfg(par_imap_loom)` the lock is loom's, as in the worker pool.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::PoisonError;
 use std::time::Instant;
+
+#[cfg(par_imap_loom)]
+use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(par_imap_loom))]
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::drop_each;
 
