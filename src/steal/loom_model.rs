@@ -205,7 +205,7 @@ fn loom_steal_races_the_owners_next_item() {
 /// first left, or harvests results alone, or finds nothing.
 #[test]
 fn loom_two_thieves_and_the_owner() {
-    steal_race(3, &[true, true]);
+    steal_race(4, &[true, true]);
 }
 
 /// A thief without a permit harvests the results alone while the owner
