@@ -17,12 +17,23 @@
 //! The seam for per-key order: a thief must not take an item whose key has
 //! an earlier item not finished in the call; [`Loot::steal`] is where that
 //! check goes.
+//!
+//! Under `cfg(par_imap_loom)` the lock is loom's, as in the worker pool,
+//! and the protocol is model-checked (`steal/loom_model.rs`).
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::PoisonError;
 use std::time::Instant;
 
+#[cfg(par_imap_loom)]
+use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(par_imap_loom))]
+use std::sync::{Mutex, MutexGuard};
+
 use crate::error::drop_each;
+
+#[cfg(all(test, par_imap_loom))]
+mod loom_model;
 
 /// The items not started and the results not delivered of one running
 /// call, shared between its worker and thieves.
