@@ -362,7 +362,8 @@ fn line(digest: &[u8; 32], path: &Path) -> Vec<u8> {
         line.push(b'\\');
     }
     for byte in digest {
-        line.extend_from_slice(format!("{byte:02x}").as_bytes());
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        line.extend_from_slice(&[HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]]);
     }
     line.extend_from_slice(b"  ");
     for &byte in name.iter() {
