@@ -46,17 +46,21 @@ const USAGE: &str = "\
 Usage: hash [OPTION]... [PATH]...
 Print the SHA-256 of each file, like sha256sum, hashing on all cores.
 
-A directory stands for every regular file under it, in byte order of the
-whole paths: `hash DIR` prints what
+A directory stands for every regular file under it: `hash DIR` prints what
   find DIR -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
-prints, but the first line comes out as soon as the first file is hashed:
-each directory is read and sorted when the walk reaches it. Any other PATH
-is hashed as `sha256sum PATH` hashes it: a symlink to a file is followed
-(where `find LINK -type f` prints nothing), a symlink to a directory is not
-walked and is reported as `sha256sum LINK` reports it (LINK: Is a directory,
-exit status 1; `find LINK -type f` prints nothing), `LINK/` is walked, and
-`-` is standard input, printed as `-`. With no PATH, hash this crate's
-source tree (without `target/` and hidden directories).
+prints, in the same byte order of whole paths, but streams: each directory
+is read and sorted when the walk reaches it, so the first line comes out as
+soon as the first file is hashed. Any other PATH is hashed as
+`sha256sum PATH` hashes it. That is where hash differs from the pipeline,
+whose `find PATH -type f` prints nothing for these:
+  a symlink to a file       is followed and hashed;
+  a symlink to a directory  is not walked but reported, as sha256sum does
+                            (PATH: Is a directory), exit status 1;
+                            name it PATH/ to walk it;
+  -                         is standard input, printed as `-` (find
+                            would look for a file named `-`).
+With no PATH, hash this crate's source tree (without `target/` and hidden
+directories).
 
   -j, --jobs N  hash N files at once (default: the number of cores)
   -h, --help    print this help and exit
