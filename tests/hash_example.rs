@@ -157,7 +157,7 @@ fn help_is_help_not_a_path() {
         let help = hash().arg(flag).output().unwrap();
         assert_eq!(help.status.code(), Some(0), "{flag}");
         assert!(
-            text(&help.stdout).starts_with("Usage: hash [PATH]..."),
+            text(&help.stdout).starts_with("Usage: hash [OPTION]... [PATH]..."),
             "{flag}"
         );
         assert_eq!(text(&help.stderr), "");
@@ -251,6 +251,272 @@ fn ctrl_c_ends_hash_in_the_middle_of_a_huge_file() {
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    assert_eq!(text(&output.stderr), "hash: cancelled\n");
+    assert!(output.stdout.is_empty());
+}
+
+/// Whether the process has installed a handler for SIGINT (Linux): `hash`
+/// installs it before it walks or reads anything.
+#[cfg(target_os = "linux")]
+fn catches_sigint(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (2 - 1)) != 0)
+}
+
+/// Waits (bounded) for the child to exit.
+fn wait_bounded(child: &mut std::process::Child, what: &str) {
+    let deadline = std::time::Instant::now() + common::hang();
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("hash still runs a hang's time after {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Runs `script` (`"$@"` = `args`) with `input` on standard input.
+fn sh_with_input(script: &str, args: &[&OsStr], input: &[u8]) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_dash_hashes_standard_input_like_sha256sum() {
+    let dir = fixture();
+    let file = dir.path().join("a.rs");
+    let binary = common::example_binary("hash", FEATURES);
+    for args in [
+        vec![OsStr::new("-")],
+        // The second `-` reads what the first left: nothing.
+        vec![OsStr::new("-"), file.as_os_str(), OsStr::new("-")],
+        // After `--`, `-` is still standard input.
+        vec![OsStr::new("--"), OsStr::new("-")],
+    ] {
+        let input = b"hi\n".repeat(50_000);
+        let ours = sh_with_input(
+            r#"hash="$1"; shift; exec "$hash" "$@""#,
+            &[&[binary.as_os_str()][..], &args].concat(),
+            &input,
+        );
+        let theirs = sh_with_input(r#"exec sha256sum "$@""#, &args, &input);
+        assert_eq!(ours.status.code(), Some(0), "{}", text(&ours.stderr));
+        assert_eq!(text(&ours.stdout), text(&theirs.stdout), "{args:?}");
+        assert!(text(&ours.stdout).ends_with("  -\n"));
+    }
+}
+
+/// A symlink to a directory, named as an argument, is not walked: it is
+/// given to the hasher like any non-directory and reported as `sha256sum
+/// LINK` reports it (`find LINK -type f` would print nothing). `LINK/` is
+/// a directory, for `find` and for `hash`. The help says so.
+#[test]
+fn a_symlink_to_a_directory_is_reported_not_walked() {
+    let dir = fixture();
+    symlink("a", &dir.path().join("link-to-dir"));
+    let link = dir.path().join("link-to-dir");
+    let ours = hash().arg(&link).output().unwrap();
+    let theirs = Command::new("sha256sum").arg(&link).output().unwrap();
+    assert_eq!(ours.status.code(), Some(1));
+    assert_eq!(theirs.status.code(), Some(1));
+    assert_eq!(ours.stdout, b"");
+    assert_eq!(
+        text(&ours.stderr),
+        format!("hash: {}: Is a directory\n", link.display())
+    );
+    assert_eq!(
+        text(&ours.stderr).replace("hash: ", ""),
+        text(&theirs.stderr).replace("sha256sum: ", "")
+    );
+
+    let slashed = dir.path().join("link-to-dir/");
+    let ours = hash().arg(&slashed).output().unwrap();
+    let theirs = sh(
+        r#"find "$1" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum"#,
+        &[slashed.as_os_str()],
+    );
+    assert_eq!(ours.status.code(), Some(0), "{}", text(&ours.stderr));
+    assert_eq!(text(&ours.stdout), text(&theirs.stdout));
+    assert_eq!(text(&ours.stdout).lines().count(), 3, "a/z, a/b/c, a/c.d/e");
+
+    let help = text(&hash().arg("--help").output().unwrap().stdout);
+    assert!(
+        help.contains("a symlink to a directory  is not walked but reported"),
+        "{help}"
+    );
+}
+
+/// Names that sort differently by path component and by bytes, at several
+/// depths: `-`, `.`, a space and `0` around the `/` that follows a
+/// directory's name (0x2d, 0x2e, 0x20 and 0x30 around 0x2f).
+#[test]
+fn the_walk_puts_files_in_the_byte_order_of_sort() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["a", "a-c", "a.d", "a b", "a0", "a ", "-", ".h", "b"];
+    // Each name a directory holding a file of each name and a directory
+    // `<name>.x`; beside them files named by two names, where that is not
+    // a directory already (`a ` + `b`).
+    for first in names {
+        let sub = dir.path().join(first);
+        std::fs::create_dir_all(sub.join(format!("{first}.x"))).unwrap();
+        std::fs::write(sub.join(format!("{first}.x/y")), b"").unwrap();
+        for second in names {
+            std::fs::write(sub.join(second), second).unwrap();
+            let beside = format!("{first}{second}");
+            if !names.contains(&beside.as_str()) {
+                std::fs::write(dir.path().join(beside), first).unwrap();
+            }
+        }
+    }
+    let ours = hash().arg(dir.path()).output().unwrap();
+    let theirs = sh(
+        r#"find "$1" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum"#,
+        &[dir.path().as_os_str()],
+    );
+    assert_eq!(ours.status.code(), Some(0), "{}", text(&ours.stderr));
+    assert_eq!(text(&ours.stdout), text(&theirs.stdout));
+    // The walk alone, in the order of `find | sort` too (as a check that
+    // the test above did not pass by sorting lines some other way).
+    let walked = hash().arg("--walk-only").arg(dir.path()).output().unwrap();
+    let sorted = sh(
+        r#"find "$1" -type f -print0 | LC_ALL=C sort -z | tr '\0' '\n'"#,
+        &[dir.path().as_os_str()],
+    );
+    assert_eq!(text(&walked.stdout), text(&sorted.stdout));
+    assert!(text(&walked.stdout).lines().count() > 100);
+}
+
+#[test]
+fn jobs_sets_how_many_files_are_hashed_at_once() {
+    let dir = fixture();
+    let expected = hash().arg(dir.path()).output().unwrap();
+    assert_eq!(expected.status.code(), Some(0));
+    for jobs in [&["-j", "1"][..], &["-j3"], &["--jobs", "2"], &["--jobs=64"]] {
+        let ours = hash().args(jobs).arg(dir.path()).output().unwrap();
+        assert_eq!(ours.status.code(), Some(0), "{jobs:?}");
+        assert_eq!(ours.stdout, expected.stdout, "{jobs:?}");
+    }
+    for (jobs, message) in [
+        (&["-j", "0"][..], "invalid number of jobs: '0'"),
+        (&["--jobs=x"], "invalid number of jobs: 'x'"),
+        (&["-j"], "option requires an argument -- 'j'"),
+    ] {
+        let ours = hash().args(jobs).output().unwrap();
+        assert_eq!(ours.status.code(), Some(1), "{jobs:?}");
+        assert!(text(&ours.stderr).contains(message), "{jobs:?}");
+    }
+}
+
+/// The walk is the map's lazy input: while the one job waits for standard
+/// input, no directory after it has been read yet, so a file created then
+/// is hashed. (Walking the whole tree first, as `find | sort` must, would
+/// miss it: the Ctrl-C handler this test waits for is installed after
+/// that.) A blocking map keeps one call queued behind each running one, and
+/// its first calls take one item each: three `-` keep the walk from `DIR`.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_walk_reads_a_directory_only_when_it_gets_there() {
+    use std::io::Write;
+    let dir = fixture();
+    let mut child = hash()
+        .args(["-j1", "-", "-", "-"])
+        .arg(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    common::eventually("hash to catch SIGINT", || catches_sigint(pid));
+    std::fs::write(dir.path().join("late"), b"created while hash runs").unwrap();
+    child.stdin.take().unwrap().write_all(b"input").unwrap();
+    wait_bounded(&mut child, "its input ended");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let lines = text(&output.stdout);
+    assert!(lines.lines().take(3).all(|line| line.ends_with("  -")));
+    assert!(lines.contains(&format!("  {}/late\n", dir.path().display())));
+    assert_eq!(lines.lines().count(), 3 + 64 + 1);
+}
+
+/// Lines are buffered but written out as soon as nothing more is ready:
+/// the file's line is out while `-`, after it, still waits for its input.
+/// (The first call of a map takes one item, so the file's result does not
+/// wait for `-` in the engine either: a result is handed over when its call
+/// ends, and a call that holds several items ends after its last.)
+#[test]
+fn a_line_comes_out_while_a_later_file_is_still_being_read() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = fixture();
+    let file = dir.path().join("a.rs");
+    let mut child = hash()
+        .args(["-j1", "--"])
+        .arg(&file)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).split(b'\n') {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let first = lines_rx.recv_timeout(common::hang());
+    let expected = Command::new("sha256sum").arg(&file).output().unwrap();
+    assert_eq!(
+        first.map(|line| text(&line) + "\n").ok(),
+        Some(text(&expected.stdout)),
+        "the file's line, out while `-` waits"
+    );
+    child.stdin.take().unwrap().write_all(b"input").unwrap();
+    let last = lines_rx.recv_timeout(common::hang()).unwrap();
+    assert!(text(&last).ends_with("  -"));
+    wait_bounded(&mut child, "its input ended");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    reader.join().unwrap();
+}
+
+/// Ctrl-C ends `hash -` even while it waits for input that never comes: no
+/// read returns for it, so `hash` exits without waiting for that worker.
+#[cfg(target_os = "linux")]
+#[test]
+fn ctrl_c_ends_hash_waiting_on_standard_input() {
+    let mut child = hash()
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    common::eventually("hash to catch SIGINT", || catches_sigint(pid));
+    let interrupt = sh(r#"kill -s INT "$1""#, &[OsStr::new(&pid.to_string())]);
+    assert!(interrupt.status.success());
+    // Standard input stays open (held in `child.stdin`) all along.
+    wait_bounded(&mut child, "Ctrl-C");
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(130));
     assert_eq!(text(&output.stderr), "hash: cancelled\n");
