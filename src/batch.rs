@@ -2,7 +2,7 @@
 //! without an allocation) or several (a batch).
 #![allow(unreachable_pub)]
 
-use crate::Error;
+use crate::error::Error;
 
 /// One value, or several in input order.
 #[derive(Debug)]

@@ -17,9 +17,9 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::Error;
 use crate::batch::Batch;
 use crate::call::{self, Call, Current, Event, Progress, Shared};
+use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
 use crate::spawn::{IsFailure, Spawn};
 use crate::steal::Loot;

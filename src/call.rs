@@ -14,8 +14,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Error;
 use crate::batch::{Batch, Results};
+use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
 use crate::stats::Counters;
 

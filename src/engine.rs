@@ -34,9 +34,9 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::Error;
 use crate::call::{Order, Progress, Shared};
 use crate::deadline::Deadlines;
+use crate::error::Error;
 use crate::options::Options;
 use crate::reorder::Reorder;
 use crate::sizer::Sizer;

@@ -4,8 +4,8 @@ use std::future::Future;
 
 use futures::Stream;
 
-use crate::Error;
 use crate::call::Order;
+use crate::error::Error;
 use crate::init::WithInit;
 use crate::stream::ParImap;
 use crate::variant::{Async, Blocking, Try};

@@ -46,7 +46,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 /// Why a child process did not produce its output.
+///
+/// More reasons may be added: match with a `_` arm.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ProcessError {
     /// The command could not be started, or its pipes failed.
     Io(io::Error),

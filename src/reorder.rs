@@ -25,9 +25,9 @@
 
 use std::collections::VecDeque;
 
-use crate::Error;
 use crate::batch::{BatchIter, Results};
 use crate::call::Order;
+use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
 
 /// The results of one call, yielded one by one.

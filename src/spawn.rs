@@ -10,9 +10,9 @@ use std::task::{Context, Poll};
 
 use tokio::runtime::Handle;
 
-use crate::Error;
 use crate::batch::Batch;
 use crate::call::{Call, Event};
+use crate::error::Error;
 
 /// Whether a result fails the map; it depends on the variant (`try_` or not).
 pub type IsFailure<U> = fn(&Result<U, Error>) -> bool;

@@ -14,10 +14,10 @@ use pin_project_lite::pin_project;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-#[cfg(doc)]
-use crate::Error;
 use crate::call::Order;
 use crate::engine::Engine;
+#[cfg(doc)]
+use crate::error::Error;
 use crate::options::Options;
 use crate::spawn::Spawn;
 use crate::stats::Stats;

@@ -17,9 +17,9 @@ use tokio::runtime::Handle;
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
-use crate::Error;
 use crate::batch::Batch;
 use crate::call::{Call, Event};
+use crate::error::Error;
 use crate::spawn::{IsFailure, Spawn};
 use crate::trace;
 

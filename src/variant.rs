@@ -8,8 +8,8 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 
-use crate::Error;
 use crate::blocking::{self, Mapper};
+use crate::error::Error;
 use crate::spawn::Spawn;
 use crate::task::Tasks;
 

@@ -523,6 +523,29 @@ fn main() {
         println!("{}", rate(rate_now));
         return;
     }
+    if let [mode, timeout] = args.as_slice()
+        && mode == "slow-tail"
+    {
+        // Items turn slow mid-stream: 20 000 of ~0.15 µs, then 400 of
+        // ~1.1 ms, with the defaults, with or without a `.timeout(60 s)`
+        // that never fires. Prints the wall time of the whole run in ms.
+        let (fast, slow) = (calibrate(0.15), calibrate(1100.0));
+        let items = 20_400_u64;
+        let start = Instant::now();
+        let map = stream::iter(0..items).par_imap(LIMIT, move |i| {
+            work(i, if i < 20_000 { fast } else { slow })
+        });
+        let map = if timeout == "timeout" {
+            map.timeout(Duration::from_secs(60))
+        } else {
+            map
+        };
+        runtime()
+            .block_on(map.try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }))
+            .expect("no panics");
+        println!("{:.1}", start.elapsed().as_secs_f64() * 1e3);
+        return;
+    }
     if args.first().is_some_and(|arg| arg == "async") {
         async_table(false);
         return;

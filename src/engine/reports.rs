@@ -3,9 +3,9 @@
 //! fail-fast applied.
 
 use super::{Engine, Phase, Running};
-use crate::Error;
 use crate::batch::{Batch, Results};
 use crate::call::{Event, Order};
+use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
 use crate::reorder::Part;
 use crate::spawn::IsFailure;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Engine, Phase, Running};
-use crate::Error;
 use crate::batch::Batch;
 use crate::call::Expiry;
 use crate::deadline::Due;
+use crate::error::Error;
 use crate::reorder::Part;
 
 /// How soon to look again at a call with deadlines that ran no item when
