@@ -323,8 +323,14 @@ pub struct Call<U> {
     /// The report was made: dropping the ticket says nothing more.
     reported: bool,
     progress: Option<Arc<Progress<U>>>,
-    /// When the mapper started, for the busy time; `None` until then.
+    /// Whether the mapper started.
+    started: bool,
+    /// When the mapper started, if the busy time is wanted (by `Stats`, or
+    /// by the sizer of blocking calls): async calls read no clock otherwise.
     started_at: Option<std::time::Instant>,
+    /// The busy time counts in `Stats` (`.stats()` was called before the
+    /// call started).
+    counts_busy: bool,
     permit: Option<OwnedSemaphorePermit>,
     /// A call of several items: after running this long, idle workers may
     /// take the items it has not started.
@@ -344,7 +350,9 @@ impl<U> Call<U> {
             report: None,
             reported: false,
             progress,
+            started: false,
             started_at: None,
+            counts_busy: false,
             permit: None,
             steal_after,
         }
@@ -404,7 +412,12 @@ impl<U> Call<U> {
     /// the engine hears of it when items have deadlines.
     pub(crate) fn start(&mut self) {
         self.shared.counters.call_started();
-        self.started_at = Some(std::time::Instant::now());
+        self.started = true;
+        self.counts_busy = self.shared.counters.is_timing();
+        // A blocking call's busy time also sizes the next calls.
+        if self.counts_busy || self.report.is_some() {
+            self.started_at = Some(std::time::Instant::now());
+        }
         if let Some(progress) = &self.progress {
             progress.begin(self.first);
             if let Some(report) = &self.report {
@@ -477,14 +490,16 @@ impl<U> Call<U> {
     fn ended(&mut self, mapped: usize) -> Duration {
         self.reported = true;
         self.permit = None;
-        match self.started_at.take() {
-            Some(started_at) => {
-                let busy = started_at.elapsed();
-                self.shared.counters.call_completed(mapped, busy);
-                busy
-            }
-            None => Duration::ZERO,
+        if !std::mem::take(&mut self.started) {
+            return Duration::ZERO;
         }
+        let busy = self
+            .started_at
+            .take()
+            .map_or(Duration::ZERO, |started_at| started_at.elapsed());
+        let counted = self.counts_busy.then_some(busy);
+        self.shared.counters.call_completed(mapped, counted);
+        busy
     }
 }
 

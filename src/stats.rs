@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 /// The counters themselves: relaxed atomics, bumped once per call or per
@@ -30,6 +30,8 @@ struct EngineCounters {
 
 #[derive(Debug, Default)]
 struct CallCounters {
+    /// Set by the first `.stats()`: from then on calls count their busy time.
+    timing: AtomicBool,
     started: AtomicU64,
     /// Calls running now: one up at a call's start, one down at its end,
     /// so that `in_flight` never counts a call twice, not even while a
@@ -59,10 +61,19 @@ impl Counters {
 
     /// A call that mapped `items` items ended after `busy`: the rest of its
     /// items count as started, all of them as completed.
-    pub(crate) fn call_completed(&self, items: usize, busy: Duration) {
+    /// Whether `.stats()` was called: only then do calls count busy time
+    /// (an async call reads the clock only then).
+    pub(crate) fn is_timing(&self) -> bool {
+        self.calls.0.timing.load(Relaxed)
+    }
+
+    /// `busy` is `None` for a call that started before `.stats()` was called.
+    pub(crate) fn call_completed(&self, items: usize, busy: Option<Duration>) {
         let calls = &self.calls.0;
-        let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
-        calls.busy_nanos.fetch_add(nanos, Relaxed);
+        if let Some(busy) = busy {
+            let nanos = u64::try_from(busy.as_nanos()).unwrap_or(u64::MAX);
+            calls.busy_nanos.fetch_add(nanos, Relaxed);
+        }
         let items = items as u64;
         if items > 1 {
             calls.started.fetch_add(items - 1, Relaxed);
@@ -113,6 +124,7 @@ pub struct Stats {
 
 impl Stats {
     pub(crate) fn new(counters: Arc<Counters>) -> Self {
+        counters.calls.0.timing.store(true, Relaxed);
         Stats { counters }
     }
 }
@@ -204,6 +216,8 @@ pub struct Snapshot {
     /// its task is dropped by tokio (at its next `.await`), a blocking call
     /// when its closure returns.
     pub in_flight: u64,
-    /// The summed run time of mapper calls.
+    /// The summed run time of the mapper calls that started after
+    /// [`ParImap::stats`](crate::ParImap::stats) was first called (before
+    /// that, async calls read no clock at all).
     pub busy: Duration,
 }

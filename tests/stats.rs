@@ -139,3 +139,39 @@ async fn both_calls_end(stats: &par_imap::Stats) {
     })
     .await;
 }
+
+/// `busy` counts only calls started after `.stats()` was first called: a
+/// map whose calls all ran before reads 0, one asked before its first poll
+/// counts them (and an async call reads no clock until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_counts_only_calls_started_after_stats_was_called() {
+    let work = |n: u64| {
+        std::thread::sleep(Duration::from_millis(2));
+        n
+    };
+    let mut unwatched = stream::iter(0..4_u64).par_imap(2, work);
+    for _ in 0..4 {
+        unwatched.next().await.unwrap().unwrap();
+    }
+    let late = unwatched.stats().snapshot();
+    assert_eq!((late.completed, late.busy), (4, Duration::ZERO), "{late:?}");
+
+    let watched = stream::iter(0..4_u64).par_imap(2, work);
+    let stats = watched.stats();
+    let all: Vec<u64> = watched.try_collect().await.unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(
+        stats.snapshot().busy >= Duration::from_millis(8),
+        "{:?}",
+        stats.snapshot()
+    );
+
+    let mut unwatched = stream::iter(0..4_u64).par_imap_async(2, |n| async move {
+        std::thread::sleep(Duration::from_millis(2));
+        n
+    });
+    for _ in 0..4 {
+        unwatched.next().await.unwrap().unwrap();
+    }
+    assert_eq!(unwatched.stats().snapshot().busy, Duration::ZERO);
+}

@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::runtime::Handle;
@@ -139,7 +140,11 @@ impl<U> Engine<U> {
             .timeout
             .filter(|_| R::BATCHES)
             .map(|timeout| Progress::new(first, timeout));
-        let steal_after = self.sizer.steal_after(items.len());
+        // Only calls of several items are open to thieves.
+        let steal_after = match &items {
+            Batch::Many(items) => self.sizer.steal_after(items.len()),
+            Batch::One(_) => Duration::ZERO,
+        };
         let shared = Arc::clone(self.shared());
         let call = Call::new(first, shared, progress.clone(), steal_after);
         let runtime = self.runtime.get_or_insert_with(Handle::current);
