@@ -49,7 +49,7 @@ where
 
 /// The runner of the blocking variants: at most `limit` long-lived
 /// workers, and the channel on which their calls report.
-pub struct Blocking<T, F>
+pub struct BlockingRunner<T, F>
 where
     T: Send + 'static,
     F: Mapper<T>,
@@ -60,7 +60,7 @@ where
     reports: UnboundedReceiver<Event<F::Output>>,
 }
 
-impl<T, F> Blocking<T, F>
+impl<T, F> BlockingRunner<T, F>
 where
     T: Send + 'static,
     F: Mapper<T>,
@@ -68,7 +68,7 @@ where
 {
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
         let (report, reports) = mpsc::unbounded_channel();
-        Blocking {
+        BlockingRunner {
             workers: Workers::new(
                 Crew {
                     mapper,
@@ -83,20 +83,20 @@ where
     }
 }
 
-impl<T, F> fmt::Debug for Blocking<T, F>
+impl<T, F> fmt::Debug for BlockingRunner<T, F>
 where
     T: Send + 'static,
     F: Mapper<T>,
     F::Output: Send + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Blocking")
+        f.debug_struct("BlockingRunner")
             .field("workers", &self.workers)
             .finish()
     }
 }
 
-impl<T, F> Spawn<T> for Blocking<T, F>
+impl<T, F> Spawn<T> for BlockingRunner<T, F>
 where
     T: Send + 'static,
     F: Mapper<T>,
@@ -157,7 +157,7 @@ where
     }
 }
 
-impl<T, F> Drop for Blocking<T, F>
+impl<T, F> Drop for BlockingRunner<T, F>
 where
     T: Send + 'static,
     F: Mapper<T>,
@@ -225,7 +225,7 @@ where
     F: Mapper<T>,
     F::Output: Send + 'static,
 {
-    type Shared = Crew<T, F>;
+    type Crew = Crew<T, F>;
 
     /// Maps the items in order, stopping at the first item the map no
     /// longer wants; the rest are dropped unmapped.
@@ -346,7 +346,7 @@ where
         return call.skip();
     }
     if let (Some(budget), false) = (call.shared().budget(), call.holds_permit()) {
-        match wait_for_permit(budget, call.shared().ended()) {
+        match wait_for_permit(budget, call.shared().closed()) {
             Some(Ok(permit)) => call.hold(permit),
             Some(Err(_closed)) => {
                 drop_each(items);

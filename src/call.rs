@@ -40,7 +40,7 @@ pub(crate) struct Shared {
     token: Option<CancellationToken>,
     /// Cancelled when the map ends or is dropped: wakes calls waiting for a
     /// permit of the budget, so that an ended map leaves no waiting acquire.
-    ended: CancellationToken,
+    closed: CancellationToken,
     /// The shared budget: each call holds one permit while it runs.
     budget: Option<Arc<Semaphore>>,
     /// The per-item deadline; an async call keeps its own.
@@ -62,7 +62,7 @@ impl Shared {
             order,
             keep_going,
             token,
-            ended: CancellationToken::new(),
+            closed: CancellationToken::new(),
             budget,
             timeout,
             counters,
@@ -87,9 +87,9 @@ impl Shared {
 
     /// The map ended or was dropped: nothing may start, and calls waiting
     /// for a permit give up.
-    pub(crate) fn end(&self) {
+    pub(crate) fn close(&self) {
         self.cancel_from(0);
-        self.ended.cancel();
+        self.closed.cancel();
     }
 
     /// The one "still wanted?" rule, asked before every item of every call:
@@ -102,7 +102,7 @@ impl Shared {
         index >= self.cutoff.load(Ordering::Relaxed)
     }
 
-    /// Whether the caller gave a token (async calls then watch `ended`).
+    /// Whether the caller gave a token (async calls then watch `closed`).
     pub(crate) fn has_token(&self) -> bool {
         self.token.is_some()
     }
@@ -122,8 +122,8 @@ impl Shared {
         self.timeout
     }
 
-    pub(crate) fn ended(&self) -> &CancellationToken {
-        &self.ended
+    pub(crate) fn closed(&self) -> &CancellationToken {
+        &self.closed
     }
 }
 
@@ -429,7 +429,7 @@ impl<U> Call<U> {
     /// The call ended: `results` are its results from `first` on, unless
     /// they went through the progress, which then holds what is left.
     pub(crate) fn finish(&mut self, results: Vec<Result<U, Error>>, mapped: usize) -> Event<U> {
-        self.end(self.first, Batch::Many(results), mapped)
+        self.report(self.first, Batch::Many(results), mapped)
     }
 
     /// The call ended: `results` are its results from item `first` on (a
@@ -440,17 +440,17 @@ impl<U> Call<U> {
         results: Vec<Result<U, Error>>,
         mapped: usize,
     ) -> Event<U> {
-        self.end(first, Batch::Many(results), mapped)
+        self.report(first, Batch::Many(results), mapped)
     }
 
     /// The call of one item ended, without a batch's allocation.
     pub(crate) fn finish_one(&mut self, result: Result<U, Error>) -> Event<U> {
-        self.end(self.first, Batch::One(result), 1)
+        self.report(self.first, Batch::One(result), 1)
     }
 
     /// The call will not run: it is no longer wanted. Not a failure.
     pub(crate) fn skip(&mut self) -> Event<U> {
-        self.ended(0);
+        self.count_end(0);
         Event::Skipped { call: self.first }
     }
 
@@ -466,7 +466,7 @@ impl<U> Call<U> {
     /// Counts the call as ended and makes its report. With a progress, the
     /// results not taken by the engine come from there: `results` is then
     /// empty.
-    fn end(&mut self, first: usize, results: Results<U>, mapped: usize) -> Event<U> {
+    fn report(&mut self, first: usize, results: Results<U>, mapped: usize) -> Event<U> {
         let (first, results) = match &self.progress {
             Some(progress) if results.len() == 0 => {
                 let (first, taken) = progress.take();
@@ -474,7 +474,7 @@ impl<U> Call<U> {
             }
             _ => (first, results),
         };
-        let busy = self.ended(mapped);
+        let busy = self.count_end(mapped);
         Event::Finished {
             call: self.first,
             first,
@@ -487,7 +487,7 @@ impl<U> Call<U> {
     /// The call ended having mapped `mapped` items: counted, its permit
     /// given back (before the engine hears, so that a call it starts next
     /// can take it). Returns how long the mapper ran.
-    fn ended(&mut self, mapped: usize) -> Duration {
+    fn count_end(&mut self, mapped: usize) -> Duration {
         self.reported = true;
         self.permit = None;
         if !std::mem::take(&mut self.started) {
@@ -543,14 +543,14 @@ impl<U> Drop for Call<U> {
             return;
         }
         let Some(report) = self.report.take() else {
-            self.ended(0);
+            self.count_end(0);
             return;
         };
         let index = match &self.progress {
             Some(progress) => progress.take().0,
             None => self.first,
         };
-        self.ended(0);
+        self.count_end(0);
         let error = if std::thread::panicking() {
             Error::panic(
                 index,
@@ -586,7 +586,7 @@ impl<U: Send> GiveUp for Progress<U> {
 }
 
 /// What [`is_cancelled`] reads on a worker thread.
-struct Running {
+struct OnThread {
     shared: Arc<Shared>,
     progress: Option<Arc<dyn GiveUp>>,
     index: usize,
@@ -594,7 +594,7 @@ struct Running {
 
 thread_local! {
     /// The call a blocking worker runs on this thread, and its item.
-    static CURRENT: RefCell<Option<Running>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Option<OnThread>> = const { RefCell::new(None) };
 }
 
 /// Marks this thread as running a blocking call until dropped, even by a
@@ -604,7 +604,7 @@ pub(crate) struct Current;
 
 impl Current {
     pub(crate) fn enter<U: Send + 'static>(call: &Call<U>) -> Current {
-        let running = Running {
+        let running = OnThread {
             shared: Arc::clone(&call.shared),
             progress: call
                 .progress

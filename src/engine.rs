@@ -63,7 +63,7 @@ impl Wake for EndOnCancel {
     fn wake(self: Arc<Self>) {
         // The token's lock is released before it wakes its waiters.
         if self.token.is_cancelled() {
-            self.shared.end();
+            self.shared.close();
         }
     }
 }
@@ -173,7 +173,7 @@ impl<U> Engine<U> {
         &self.counters
     }
 
-    pub(crate) fn is_finished(&self) -> bool {
+    pub(crate) fn is_ended(&self) -> bool {
         self.phase == Phase::Ended
     }
 
@@ -222,7 +222,7 @@ impl<U> Engine<U> {
         St: Stream<Item = T>,
         R: Spawn<T, Output = U>,
     {
-        if self.is_finished() {
+        if self.is_ended() {
             return Poll::Ready(None);
         }
         if self.shared.is_none() {
@@ -269,7 +269,7 @@ impl<U> Engine<U> {
                 return Poll::Ready(Some(self.hand_out(result, input, runner, is_failure)));
             }
             if self.is_drained() {
-                self.finish(input, runner);
+                self.end_map(input, runner);
                 return Poll::Ready(None);
             }
 
@@ -310,7 +310,7 @@ impl<U> Engine<U> {
                 .poll(&mut Context::from_waker(&waker))
                 .is_ready()
             {
-                self.shared().end();
+                self.shared().close();
             }
             self.token_watch = Some(watch);
         }
@@ -327,7 +327,7 @@ impl<U> Engine<U> {
         self.yielded += 1;
         self.counters.yielded();
         if !self.options.keep_going && is_failure(&result) {
-            self.finish(input, runner);
+            self.end_map(input, runner);
         }
         result
     }
@@ -352,7 +352,7 @@ impl<U> Engine<U> {
     ) -> Option<Result<U, Error>> {
         let owed = (!self.is_drained()).then(|| self.calls.lowest_owed());
         trace::life!("par_imap: cancelled", index = owed);
-        self.finish(input, runner);
+        self.end_map(input, runner);
         owed.map(|index| {
             self.counters.yielded();
             Err(Error::cancelled(index))
@@ -365,14 +365,14 @@ impl<U> Engine<U> {
 
     /// Ends the map: nothing more starts, running async calls are aborted,
     /// queued calls and the input are dropped, in that order.
-    fn finish<St: Stream, R: Spawn<St::Item>>(
+    fn end_map<St: Stream, R: Spawn<St::Item>>(
         &mut self,
         mut input: Pin<&mut Option<St>>,
         runner: &mut R,
     ) {
         self.phase = Phase::Ended;
         if let Some(shared) = &self.shared {
-            shared.end();
+            shared.close();
         }
         self.calls.clear();
         self.deadlines.clear();
@@ -384,7 +384,7 @@ impl<U> Engine<U> {
 
     /// Upper bound of the items still to come, if the input gives one.
     pub(crate) fn size_hint(&self, input: (usize, Option<usize>)) -> (usize, Option<usize>) {
-        if self.is_finished() {
+        if self.is_ended() {
             return (0, Some(0));
         }
         let pending = self.pulled - self.yielded;
@@ -418,11 +418,11 @@ impl<U> Drop for Engine<U> {
     /// the runner and the input (declared after the engine) are dropped.
     fn drop(&mut self) {
         if let Some(shared) = &self.shared {
-            shared.end();
+            shared.close();
         }
         // The results not yielded go now, a panic of their `Drop` contained.
         self.calls.clear();
-        if self.in_flight > 0 && !self.is_finished() {
+        if self.in_flight > 0 && !self.is_ended() {
             trace::life!(
                 "par_imap: dropped with calls in flight",
                 in_flight = self.in_flight

@@ -468,7 +468,7 @@ where
     K: Kind<St::Item, F>,
 {
     fn is_terminated(&self) -> bool {
-        self.engine.is_finished()
+        self.engine.is_ended()
     }
 }
 
@@ -492,7 +492,7 @@ where
             .field("pulled", &pulled)
             .field("yielded", &yielded)
             .field("in_flight", &in_flight)
-            .field("finished", &engine.is_finished())
+            .field("ended", &engine.is_ended())
             .finish_non_exhaustive()
     }
 }

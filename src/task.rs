@@ -140,19 +140,19 @@ where
                 .and_then(|timeout| Instant::now().checked_add(timeout));
             // With a token, the call also ends when the map ends (the token's
             // watch ends it when the token is cancelled), polled or not.
-            let ended = call
+            let closed = call
                 .shared()
                 .has_token()
-                .then(|| call.shared().ended().clone());
-            let result = match (deadline, ended) {
+                .then(|| call.shared().closed().clone());
+            let result = match (deadline, closed) {
                 (None, None) => mapped.await.map_err(|payload| Error::panic(first, payload)),
-                (deadline, ended) => {
+                (deadline, closed) => {
                     let mut mapped = pin!(mapped);
                     let mut expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
-                    let mut ended = ended.map(|ended| Box::pin(ended.cancelled_owned()));
+                    let mut closed = closed.map(|closed| Box::pin(closed.cancelled_owned()));
                     let stopped = poll_fn(|cx| {
-                        if let Some(ended) = &mut ended {
-                            if ended.as_mut().poll(cx).is_ready() {
+                        if let Some(closed) = &mut closed {
+                            if closed.as_mut().poll(cx).is_ready() {
                                 return Poll::Ready(None);
                             }
                         }

@@ -76,10 +76,10 @@ where
     F: Mapper<T>,
     F::Output: Send + 'static,
 {
-    type Runner = blocking::Blocking<T, F>;
+    type Runner = blocking::BlockingRunner<T, F>;
 
     fn runner(mapper: F, limit: usize) -> Self::Runner {
-        blocking::Blocking::new(mapper, limit)
+        blocking::BlockingRunner::new(mapper, limit)
     }
 }
 

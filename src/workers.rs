@@ -59,15 +59,15 @@ mod loom_model;
 /// One unit of work for the pool.
 pub trait Job: Send + Sized + 'static {
     /// What every job of one pool shares (e.g. the mapper).
-    type Shared: Send + Sync + 'static;
+    type Crew: Send + Sync + 'static;
 
     /// Does the work, on a worker's thread.
-    fn run(self, shared: &Self::Shared);
+    fn run(self, shared: &Self::Crew);
 
     /// Work a worker that found the queue empty may take from jobs running
     /// on other workers (work stealing), or when to look again. Asked
     /// outside the lock, before the worker idles.
-    fn steal(_shared: &Self::Shared) -> Steal<Self> {
+    fn steal(_shared: &Self::Crew) -> Steal<Self> {
         Steal::Nothing
     }
 
@@ -94,7 +94,7 @@ pub struct Workers<J: Job> {
 }
 
 struct Pool<J: Job> {
-    shared: J::Shared,
+    shared: J::Crew,
     limit: usize,
     queue: Mutex<Queue<J>>,
     /// Signalled when a job is queued for an idle worker, and on close.
@@ -114,7 +114,7 @@ struct Queue<J> {
 
 impl<J: Job> Workers<J> {
     /// A pool of at most `limit` workers, which must be at least 1.
-    pub(crate) fn new(shared: J::Shared, limit: usize) -> Self {
+    pub(crate) fn new(shared: J::Crew, limit: usize) -> Self {
         assert!(limit > 0, "a pool needs room for one worker");
         Workers {
             pool: Arc::new(Pool {

@@ -76,7 +76,7 @@ impl Probe {
 }
 
 impl Job for Probe {
-    type Shared = ();
+    type Crew = ();
 
     fn run(mut self, (): &()) {
         self.ran = true;
