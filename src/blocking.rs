@@ -18,7 +18,9 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batch;
-use crate::call::{self, Call, Current, Event, Progress, Shared};
+use crate::call::{self, Call, Event, Shared};
+use crate::current::Current;
+use crate::deadline::Progress;
 use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
 use crate::spawn::{IsFailure, Spawn};

@@ -1,30 +1,21 @@
-//! One mapper call as the engine sees it: the cutoff that says which items
-//! are still wanted, the ticket that reports a call's results exactly once,
-//! the progress a call shares when items have deadlines, and
-//! `is_cancelled()` for the blocking closure that runs it.
+//! One mapper call as the engine sees it: what the engine and its calls
+//! share (the cutoff, the one "still wanted?" rule), the reports a call
+//! makes, and the ticket that makes them exactly once.
 #![allow(unreachable_pub)]
 
-use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Results};
-use crate::error::Error;
-use crate::error::{drop_contained, drop_each};
+use crate::deadline::Progress;
+use crate::error::{Error, drop_contained, drop_each};
+use crate::options::Order;
 use crate::stats::Counters;
-
-/// Whether results come out in input or in completion order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Order {
-    Input,
-    Completion,
-}
 
 /// What the engine and its running calls share.
 #[derive(Debug)]
@@ -162,149 +153,6 @@ pub enum Event<U> {
     Skipped { call: usize },
 }
 
-/// What a call running items with deadlines shares with the engine, so
-/// that the engine can time out exactly the item running now and deliver
-/// the results of the call's items before it.
-#[derive(Debug)]
-pub struct Progress<U> {
-    state: Mutex<ProgressState<U>>,
-    timeout: Duration,
-}
-
-#[derive(Debug)]
-struct ProgressState<U> {
-    /// The item mapping now, and when it began.
-    running: Option<(usize, Instant)>,
-    /// The index of `results[0]`: the first result not taken by the engine.
-    untaken: usize,
-    results: Vec<Result<U, Error>>,
-    /// The item the engine gave up on while it ran: its result is dropped.
-    given_up: Option<usize>,
-}
-
-/// What the engine finds when a call's deadline comes.
-#[derive(Debug)]
-pub(crate) enum Expiry<U> {
-    /// Item `index` ran past its deadline: it is given up, and `earlier`
-    /// holds the call's results before it, from index `first`.
-    TimedOut {
-        first: usize,
-        earlier: Vec<Result<U, Error>>,
-        index: usize,
-    },
-    /// The item running now has a later deadline: this one.
-    Later(Instant),
-    /// No item runs right now (between two items, or the call ended): the
-    /// next one starts no earlier than now.
-    Idle,
-}
-
-impl<U> Progress<U> {
-    pub(crate) fn new(first: usize, timeout: Duration) -> Arc<Self> {
-        Arc::new(Progress {
-            state: Mutex::new(ProgressState {
-                running: None,
-                untaken: first,
-                results: Vec::new(),
-                given_up: None,
-            }),
-            timeout,
-        })
-    }
-
-    /// Whether item `index` runs now and is past its deadline.
-    fn overran(&self, state: &ProgressState<U>, index: usize) -> bool {
-        match state.running {
-            Some((running, started)) if running == index => started
-                .checked_add(self.timeout)
-                .is_some_and(|deadline| deadline <= Instant::now()),
-            _ => false,
-        }
-    }
-
-    /// Never held around user code, so never poisoned by a mapper's panic;
-    /// recover anyway rather than panic in turn.
-    fn lock(&self) -> MutexGuard<'_, ProgressState<U>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Item `index` starts now.
-    pub(crate) fn begin(&self, index: usize) {
-        self.lock().running = Some((index, Instant::now()));
-    }
-
-    /// Item `index` ended with `result`: kept for the engine, as a timeout
-    /// if it ran past its deadline (the engine had not seen it yet), or
-    /// dropped if the engine gave up on it already. Returns whether it is
-    /// a timeout the engine has yet to hear of.
-    pub(crate) fn end(&self, index: usize, result: Result<U, Error>) -> bool {
-        let mut state = self.lock();
-        let overran = self.overran(&state, index);
-        state.running = None;
-        let dropped = if state.given_up == Some(index) {
-            Some(result)
-        } else if overran {
-            state.results.push(Err(Error::timeout(index)));
-            Some(result)
-        } else {
-            state.results.push(result);
-            None
-        };
-        drop(state);
-        // Outside the lock: the result's `Drop` is user code.
-        drop_contained(dropped);
-        overran
-    }
-
-    /// When the item running now reaches its deadline (`None` if no item
-    /// runs, or the one running was given up already).
-    pub(crate) fn deadline(&self) -> Option<Instant> {
-        let state = self.lock();
-        match state.running {
-            Some((index, started)) if state.given_up != Some(index) => {
-                started.checked_add(self.timeout)
-            }
-            _ => None,
-        }
-    }
-
-    /// The engine's deadline for this call came at `now`.
-    pub(crate) fn expire(&self, now: Instant) -> Expiry<U> {
-        let timeout = self.timeout;
-        let mut state = self.lock();
-        let Some((index, started)) = state.running else {
-            return Expiry::Idle;
-        };
-        if state.given_up == Some(index) {
-            // Timed out already; the worker has yet to return from it.
-            return Expiry::Idle;
-        }
-        match started.checked_add(timeout) {
-            Some(deadline) if deadline > now => Expiry::Later(deadline),
-            // Past the clock's range: no deadline at all.
-            None => Expiry::Later(now.checked_add(timeout).unwrap_or(now)),
-            Some(_) => {
-                state.given_up = Some(index);
-                let first = state.untaken;
-                state.untaken = index + 1;
-                Expiry::TimedOut {
-                    first,
-                    earlier: std::mem::take(&mut state.results),
-                    index,
-                }
-            }
-        }
-    }
-
-    /// Everything not taken yet, and the index of its first result.
-    pub(crate) fn take(&self) -> (usize, Vec<Result<U, Error>>) {
-        let mut state = self.lock();
-        let first = state.untaken;
-        state.untaken += state.results.len();
-        (first, std::mem::take(&mut state.results))
-    }
-}
-
 /// The ticket of one mapper call over the items `first..`: it makes the
 /// call's report exactly once. An async call returns its report from its
 /// task (the engine reads it through the task's join handle, which also
@@ -379,6 +227,11 @@ impl<U> Call<U> {
 
     pub(crate) fn progress(&self) -> Option<&Progress<U>> {
         self.progress.as_deref()
+    }
+
+    /// The shared progress, for `is_cancelled()` on the worker's thread.
+    pub(crate) fn progress_handle(&self) -> Option<&Arc<Progress<U>>> {
+        self.progress.as_ref()
     }
 
     /// Whether item `index` is no longer wanted.
@@ -569,110 +422,4 @@ pub(crate) fn send<U>(report: &UnboundedSender<Event<U>>, event: Event<U>) {
     if let Err(unsent) = report.send(event) {
         unsent.0.discard();
     }
-}
-
-/// A call whose items the engine may give up on one by one (timeouts).
-pub(crate) trait GiveUp: Send + Sync {
-    fn is_given_up(&self, index: usize) -> bool;
-}
-
-impl<U: Send> GiveUp for Progress<U> {
-    /// Given up by the engine, or past its deadline already: the worker
-    /// sees its own deadline even while nobody polls the map.
-    fn is_given_up(&self, index: usize) -> bool {
-        let state = self.lock();
-        state.given_up == Some(index) || self.overran(&state, index)
-    }
-}
-
-/// What [`is_cancelled`] reads on a worker thread.
-struct OnThread {
-    shared: Arc<Shared>,
-    progress: Option<Arc<dyn GiveUp>>,
-    index: usize,
-}
-
-thread_local! {
-    /// The call a blocking worker runs on this thread, and its item.
-    static CURRENT: RefCell<Option<OnThread>> = const { RefCell::new(None) };
-}
-
-/// Marks this thread as running a blocking call until dropped, even by a
-/// panic. Set once per call; the item index is updated per item.
-#[derive(Debug)]
-pub(crate) struct Current;
-
-impl Current {
-    pub(crate) fn enter<U: Send + 'static>(call: &Call<U>) -> Current {
-        let running = OnThread {
-            shared: Arc::clone(&call.shared),
-            progress: call
-                .progress
-                .as_ref()
-                .map(|progress| Arc::clone(progress) as Arc<dyn GiveUp>),
-            index: call.first,
-        };
-        CURRENT.with(|current| *current.borrow_mut() = Some(running));
-        Current
-    }
-
-    /// The call moves on to item `index`.
-    pub(crate) fn item(&self, index: usize) {
-        CURRENT.with(|current| {
-            if let Some(running) = current.borrow_mut().as_mut() {
-                running.index = index;
-            }
-        });
-    }
-}
-
-impl Drop for Current {
-    fn drop(&mut self) {
-        CURRENT.with(|current| current.borrow_mut().take());
-    }
-}
-
-/// Inside a blocking mapper call, whether its result can no longer be used:
-/// the map was dropped, failed at or before this item, was cancelled (the
-/// token is read directly, so this turns true as soon as it is cancelled),
-/// or this item timed out. `false` outside a blocking mapper call.
-///
-/// A running blocking closure cannot be pre-empted: tokio cannot abort
-/// `spawn_blocking`. A long closure that polls `is_cancelled()` now and then
-/// is the one way it can stop early and free its worker.
-///
-/// # Examples
-///
-/// ```
-/// use std::time::Duration;
-/// use futures::StreamExt;
-/// use par_imap::ParImapExt;
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() {
-/// let slow = futures::stream::iter([0]).par_imap(1, |_: u32| {
-///     // Works until nobody wants the result any more.
-///     let mut rounds = 0_u64;
-///     while !par_imap::is_cancelled() {
-///         std::thread::sleep(Duration::from_millis(1));
-///         rounds += 1;
-///     }
-///     rounds
-/// });
-/// let timed_out = slow.timeout(Duration::from_millis(20)).next().await.unwrap();
-/// assert!(timed_out.unwrap_err().is_timeout());
-/// assert!(!par_imap::is_cancelled());
-/// # }
-/// ```
-pub fn is_cancelled() -> bool {
-    CURRENT.with(|current| {
-        current.borrow().as_ref().is_some_and(|running| {
-            running.shared.is_cut_off(running.index)
-                || running.shared.is_token_cancelled()
-                || running
-                    .progress
-                    .as_ref()
-                    .is_some_and(|progress| progress.is_given_up(running.index))
-        })
-    })
 }

@@ -1,14 +1,20 @@
-//! Per-item deadlines of running calls: the earliest first, one timer for
-//! it, and a watch on the runtime that made the timer.
+//! Per-item deadlines: what a blocking call running items with deadlines
+//! shares with the engine ([`Progress`]), and the engine's deadlines of its
+//! running calls (the earliest first, one timer for it, and a watch on the
+//! runtime that made the timer).
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::AbortOnDropHandle;
+
+use crate::error::{Error, drop_contained};
 
 /// Deadlines by call, at most one per running call: removed when the call
 /// ends, so they never outnumber the calls in flight.
@@ -113,5 +119,162 @@ impl Deadlines {
     pub(crate) fn clear(&mut self) {
         self.pending.clear();
         self.timer = None;
+    }
+}
+
+/// What a call running items with deadlines shares with the engine, so
+/// that the engine can time out exactly the item running now and deliver
+/// the results of the call's items before it.
+#[derive(Debug)]
+pub struct Progress<U> {
+    state: Mutex<ProgressState<U>>,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+struct ProgressState<U> {
+    /// The item mapping now, and when it began.
+    running: Option<(usize, Instant)>,
+    /// The index of `results[0]`: the first result not taken by the engine.
+    untaken: usize,
+    results: Vec<Result<U, Error>>,
+    /// The item the engine gave up on while it ran: its result is dropped.
+    given_up: Option<usize>,
+}
+
+/// What the engine finds when a call's deadline comes.
+#[derive(Debug)]
+pub(crate) enum Expiry<U> {
+    /// Item `index` ran past its deadline: it is given up, and `earlier`
+    /// holds the call's results before it, from index `first`.
+    TimedOut {
+        first: usize,
+        earlier: Vec<Result<U, Error>>,
+        index: usize,
+    },
+    /// The item running now has a later deadline: this one.
+    Later(Instant),
+    /// No item runs right now (between two items, or the call ended): the
+    /// next one starts no earlier than now.
+    Idle,
+}
+
+impl<U> Progress<U> {
+    pub(crate) fn new(first: usize, timeout: Duration) -> Arc<Self> {
+        Arc::new(Progress {
+            state: Mutex::new(ProgressState {
+                running: None,
+                untaken: first,
+                results: Vec::new(),
+                given_up: None,
+            }),
+            timeout,
+        })
+    }
+
+    /// Whether item `index` runs now and is past its deadline.
+    fn overran(&self, state: &ProgressState<U>, index: usize) -> bool {
+        match state.running {
+            Some((running, started)) if running == index => started
+                .checked_add(self.timeout)
+                .is_some_and(|deadline| deadline <= Instant::now()),
+            _ => false,
+        }
+    }
+
+    /// Never held around user code, so never poisoned by a mapper's panic;
+    /// recover anyway rather than panic in turn.
+    fn lock(&self) -> MutexGuard<'_, ProgressState<U>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Item `index` starts now.
+    pub(crate) fn begin(&self, index: usize) {
+        self.lock().running = Some((index, Instant::now()));
+    }
+
+    /// Item `index` ended with `result`: kept for the engine, as a timeout
+    /// if it ran past its deadline (the engine had not seen it yet), or
+    /// dropped if the engine gave up on it already. Returns whether it is
+    /// a timeout the engine has yet to hear of.
+    pub(crate) fn end(&self, index: usize, result: Result<U, Error>) -> bool {
+        let mut state = self.lock();
+        let overran = self.overran(&state, index);
+        state.running = None;
+        let dropped = if state.given_up == Some(index) {
+            Some(result)
+        } else if overran {
+            state.results.push(Err(Error::timeout(index)));
+            Some(result)
+        } else {
+            state.results.push(result);
+            None
+        };
+        drop(state);
+        // Outside the lock: the result's `Drop` is user code.
+        drop_contained(dropped);
+        overran
+    }
+
+    /// When the item running now reaches its deadline (`None` if no item
+    /// runs, or the one running was given up already).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        let state = self.lock();
+        match state.running {
+            Some((index, started)) if state.given_up != Some(index) => {
+                started.checked_add(self.timeout)
+            }
+            _ => None,
+        }
+    }
+
+    /// The engine's deadline for this call came at `now`.
+    pub(crate) fn expire(&self, now: Instant) -> Expiry<U> {
+        let timeout = self.timeout;
+        let mut state = self.lock();
+        let Some((index, started)) = state.running else {
+            return Expiry::Idle;
+        };
+        if state.given_up == Some(index) {
+            // Timed out already; the worker has yet to return from it.
+            return Expiry::Idle;
+        }
+        match started.checked_add(timeout) {
+            Some(deadline) if deadline > now => Expiry::Later(deadline),
+            // Past the clock's range: no deadline at all.
+            None => Expiry::Later(now.checked_add(timeout).unwrap_or(now)),
+            Some(_) => {
+                state.given_up = Some(index);
+                let first = state.untaken;
+                state.untaken = index + 1;
+                Expiry::TimedOut {
+                    first,
+                    earlier: std::mem::take(&mut state.results),
+                    index,
+                }
+            }
+        }
+    }
+
+    /// Everything not taken yet, and the index of its first result.
+    pub(crate) fn take(&self) -> (usize, Vec<Result<U, Error>>) {
+        let mut state = self.lock();
+        let first = state.untaken;
+        state.untaken += state.results.len();
+        (first, std::mem::take(&mut state.results))
+    }
+}
+
+/// A call whose items the engine may give up on one by one (timeouts).
+pub(crate) trait GiveUp: Send + Sync {
+    fn is_given_up(&self, index: usize) -> bool;
+}
+
+impl<U: Send> GiveUp for Progress<U> {
+    /// Given up by the engine, or past its deadline already: the worker
+    /// sees its own deadline even while nobody polls the map.
+    fn is_given_up(&self, index: usize) -> bool {
+        let state = self.lock();
+        state.given_up == Some(index) || self.overran(&state, index)
     }
 }

@@ -34,10 +34,12 @@ use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::call::{Order, Progress, Shared};
+use crate::call::Shared;
 use crate::deadline::Deadlines;
+use crate::deadline::Progress;
 use crate::error::Error;
 use crate::options::Options;
+use crate::options::Order;
 use crate::reorder::Reorder;
 use crate::sizer::Sizer;
 use crate::spawn::{IsFailure, Spawn};

@@ -4,9 +4,9 @@ use std::future::Future;
 
 use futures::Stream;
 
-use crate::call::Order;
 use crate::error::Error;
 use crate::init::WithInit;
+use crate::options::Order;
 use crate::stream::ParImap;
 use crate::variant::{Async, Blocking, Try};
 

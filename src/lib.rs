@@ -112,6 +112,7 @@
 mod batch;
 mod blocking;
 mod call;
+mod current;
 mod deadline;
 mod engine;
 mod error;
@@ -131,7 +132,7 @@ mod trace;
 mod variant;
 mod workers;
 
-pub use call::is_cancelled;
+pub use current::is_cancelled;
 pub use error::Error;
 pub use ext::ParImapExt;
 pub use init::WithInit;

@@ -6,8 +6,6 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::call::Order;
-
 /// What the builder methods set.
 #[derive(Debug)]
 pub(crate) struct Options {
@@ -21,4 +19,11 @@ pub(crate) struct Options {
     pub(crate) keep_going: bool,
     pub(crate) token: Option<CancellationToken>,
     pub(crate) budget: Option<Arc<Semaphore>>,
+}
+
+/// Whether results come out in input or in completion order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Order {
+    Input,
+    Completion,
 }

@@ -26,9 +26,9 @@
 use std::collections::VecDeque;
 
 use crate::batch::{BatchIter, Results};
-use crate::call::Order;
 use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
+use crate::options::Order;
 
 /// The results of one call, yielded one by one.
 #[derive(Debug)]

@@ -14,11 +14,11 @@ use pin_project_lite::pin_project;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::call::Order;
 use crate::engine::Engine;
 #[cfg(doc)]
 use crate::error::Error;
 use crate::options::Options;
+use crate::options::Order;
 use crate::spawn::Spawn;
 use crate::stats::Stats;
 use crate::variant::{Batching, Kind, Output};

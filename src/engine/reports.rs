@@ -4,9 +4,10 @@
 
 use super::{Engine, Phase, Running};
 use crate::batch::{Batch, Results};
-use crate::call::{Event, Order};
+use crate::call::Event;
 use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
+use crate::options::Order;
 use crate::reorder::Part;
 use crate::spawn::IsFailure;
 use crate::trace;

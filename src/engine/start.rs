@@ -11,7 +11,8 @@ use tokio::runtime::Handle;
 
 use super::{Engine, Phase, Running};
 use crate::batch::Batch;
-use crate::call::{Call, Progress};
+use crate::call::Call;
+use crate::deadline::Progress;
 use crate::sizer;
 use crate::spawn::{IsFailure, Spawn};
 

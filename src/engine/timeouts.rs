@@ -9,8 +9,8 @@ use tokio::time::Instant;
 
 use super::{Engine, Phase, Running};
 use crate::batch::Batch;
-use crate::call::Expiry;
 use crate::deadline::Due;
+use crate::deadline::Expiry;
 use crate::error::Error;
 use crate::reorder::Part;
 
