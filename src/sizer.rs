@@ -10,7 +10,11 @@ const TARGET: Duration = Duration::from_micros(500);
 
 /// An adaptive call that runs this long is open to idle workers: they may
 /// take the items it has not started (its items got slower, or one hangs).
+/// It opens sooner, at twice its expected run time, when that is shorter.
 pub(crate) const STEAL_AFTER: Duration = Duration::from_millis(2);
+
+/// No call opens to thieves sooner than this: a steal costs a call.
+const STEAL_AFTER_LEAST: Duration = Duration::from_micros(50);
 
 /// The most items an adaptive call takes: the default window is
 /// `2 * limit * MOST`.
@@ -42,18 +46,20 @@ impl Sizer {
     }
 
     /// How long a call of `size` items runs before idle workers may take
-    /// its items: [`STEAL_AFTER`] for adaptive sizes, twice the expected run
-    /// time of the call (from the measured time per item) with `.batch(k)`.
+    /// its items: twice the expected run time of the call (from the measured
+    /// time per item), at most [`STEAL_AFTER`] for adaptive sizes (and at
+    /// least 50 µs); [`STEAL_AFTER`] until a call has been measured.
     pub(crate) fn steal_after(&self, size: usize) -> Duration {
-        match (self.fixed, self.per_item) {
-            (Some(_), Some(per_item)) => {
-                let expected = per_item * size as f64 * 2.0;
-                // At most an hour: the moment must stay on the clock.
-                Duration::try_from_secs_f64(expected / 1e9)
-                    .unwrap_or(Duration::MAX)
-                    .min(Duration::from_secs(3600))
-            }
-            _ => STEAL_AFTER,
+        let Some(per_item) = self.per_item else {
+            return STEAL_AFTER;
+        };
+        // At most an hour: the moment must stay on the clock.
+        let twice_expected = Duration::try_from_secs_f64(per_item * size as f64 * 2.0 / 1e9)
+            .unwrap_or(Duration::MAX)
+            .min(Duration::from_secs(3600));
+        match self.fixed {
+            Some(_) => twice_expected,
+            None => twice_expected.clamp(STEAL_AFTER_LEAST, STEAL_AFTER),
         }
     }
 
@@ -121,7 +127,11 @@ mod tests {
         let mut adaptive = Sizer::new(None, true);
         assert_eq!(adaptive.steal_after(1), STEAL_AFTER);
         adaptive.observe(10, Duration::from_millis(10));
-        assert_eq!(adaptive.steal_after(10), STEAL_AFTER);
+        assert_eq!(adaptive.steal_after(10), STEAL_AFTER, "at most 2 ms");
+        let mut adaptive = Sizer::new(None, true);
+        adaptive.observe(8, Duration::from_micros(160));
+        assert_eq!(adaptive.steal_after(8), Duration::from_micros(320));
+        assert_eq!(adaptive.steal_after(1), STEAL_AFTER_LEAST, "at least 50 µs");
         let mut fixed = Sizer::new(Some(100), true);
         assert_eq!(fixed.steal_after(100), STEAL_AFTER, "not measured yet");
         fixed.observe(100, Duration::from_millis(100));

@@ -546,6 +546,10 @@ fn main() {
         println!("{:.1}", start.elapsed().as_secs_f64() * 1e3);
         return;
     }
+    if args.first().is_some_and(|arg| arg == "skew") {
+        skew_table(false);
+        return;
+    }
     if args.first().is_some_and(|arg| arg == "async") {
         async_table(false);
         return;
