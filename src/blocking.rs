@@ -121,7 +121,13 @@ where
             is_failure,
             mapper: PhantomData,
         };
-        if let Some(worker) = self.workers.push(job) {
+        let shared = job.items.len() > 1;
+        // Someone to take the items of a call of several should one hang.
+        let thief = |workers: &Workers<_>| if shared { workers.add_thief() } else { None };
+        for worker in [self.workers.push(job), thief(&self.workers)]
+            .into_iter()
+            .flatten()
+        {
             // A runtime shutting down drops the closure unrun: the worker
             // gives its place back and its jobs report themselves cancelled.
             runtime.spawn_blocking(move || worker.run());

@@ -139,6 +139,39 @@ mod tests {
         assert_eq!(fixed.steal_after(10), Duration::from_millis(20));
     }
 
+    /// The estimate, read back through `steal_after` of a fixed size (twice
+    /// the expected time of `size` items, no clamp).
+    fn per_item_ns(sizer: &Sizer) -> u128 {
+        sizer.steal_after(1000).as_nanos() / 2000
+    }
+
+    #[test]
+    fn faster_items_move_the_estimate_halfway_slower_ones_to_the_geometric_mean() {
+        let mut sizer = Sizer::new(Some(1000), true);
+        sizer.observe(0, Duration::from_secs(1));
+        assert_eq!(
+            sizer.per_item, None,
+            "a call that mapped nothing says nothing"
+        );
+        sizer.observe(1000, Duration::from_micros(400));
+        assert_eq!(per_item_ns(&sizer), 400);
+        sizer.observe(1000, Duration::from_micros(200));
+        assert_eq!(per_item_ns(&sizer), 300, "halfway down");
+        sizer.observe(1000, Duration::from_micros(1200));
+        assert_eq!(per_item_ns(&sizer), 600, "geometric mean up");
+    }
+
+    #[test]
+    fn items_faster_than_a_nanosecond_still_make_calls_of_at_most_most() {
+        let mut sizer = Sizer::new(None, true);
+        for _ in 0..20 {
+            let size = sizer.next_size();
+            sizer.observe(size, Duration::ZERO);
+            assert!(sizer.next_size() <= (2 * size).min(MOST));
+        }
+        assert_eq!(sizer.next_size(), MOST);
+    }
+
     #[test]
     fn a_fixed_size_stays() {
         let mut sizer = Sizer::new(Some(7), true);

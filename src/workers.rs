@@ -146,17 +146,26 @@ impl<J: Job> Workers<J> {
             return None;
         }
         queue.jobs.push_back(job);
-        let start_worker = if queue.idle > 0 {
-            queue.idle -= 1;
-            queue.woken += 1;
-            self.pool.work.notify_one();
-            false
-        } else if queue.workers < self.pool.limit {
-            queue.workers += 1;
-            true
-        } else {
-            false
-        };
+        let start_worker = self.pool.wake_or_count(&mut queue);
+        drop(queue);
+        start_worker.then(|| Worker {
+            pool: Arc::clone(&self.pool),
+            left: false,
+        })
+    }
+
+    /// One more worker to look at the running jobs for work to steal, after
+    /// a job that can be shared was pushed: an idle worker is woken (it
+    /// looks again at once instead of at the end of its spell), or a new
+    /// one is counted and returned, to be started like `push`'s, while
+    /// fewer than `limit` exist. Without it the only job of a map, pushed
+    /// when no worker existed, would have nobody to share it with.
+    pub(crate) fn add_thief(&self) -> Option<Worker<J>> {
+        let mut queue = self.pool.lock();
+        if queue.closed {
+            return None;
+        }
+        let start_worker = self.pool.wake_or_count(&mut queue);
         drop(queue);
         start_worker.then(|| Worker {
             pool: Arc::clone(&self.pool),
@@ -210,6 +219,22 @@ impl<J: Job> Pool<J> {
         let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.check(self.limit);
         queue
+    }
+
+    /// Wakes an idle worker, or counts a new one (true: the caller starts
+    /// it) while fewer than `limit` exist; else the busy ones will look.
+    fn wake_or_count(&self, queue: &mut Queue<J>) -> bool {
+        if queue.idle > 0 {
+            queue.idle -= 1;
+            queue.woken += 1;
+            self.work.notify_one();
+            false
+        } else if queue.workers < self.limit {
+            queue.workers += 1;
+            true
+        } else {
+            false
+        }
     }
 
     /// The next job, or `None` when the worker leaves; it is then no longer

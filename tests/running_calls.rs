@@ -250,6 +250,72 @@ async fn hung_item_does_not_hold_back_the_rest_of_its_call_under_a_timeout_that_
     every_other_item_arrives_while_one_hangs(results, &gates).await;
 }
 
+/// The only call of the map holds every item and its first hangs: the
+/// pool must have a second worker to take the rest, although nothing more
+/// is ever pushed to it (found by the property model: a map of two items,
+/// limit 2, `.batch(2)`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_item_does_not_hold_back_the_rest_of_the_only_call() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), 0);
+    let hang = {
+        let gates = gates.clone();
+        move |n: u64| {
+            if n == 0 {
+                gates.wait(0);
+            }
+            n
+        }
+    };
+    let mut results = stream::iter(0..2u64).par_imap_unordered(2, hang).batch(2);
+    let first = tokio::time::timeout(BOUND, results.next()).await;
+    assert_eq!(
+        first
+            .expect("item 1 never came while item 0 hung")
+            .unwrap()
+            .unwrap(),
+        1
+    );
+    gates.open(0);
+    let last = tokio::time::timeout(BOUND, results.next()).await.unwrap();
+    assert_eq!(last.unwrap().unwrap(), 0);
+    assert!(results.next().await.is_none());
+}
+
+/// A call's last item hangs after the others are mapped: nothing is left
+/// to steal, but an idle worker harvests the results already made, so they
+/// arrive while it hangs (unordered: nothing else waits for the hung one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_before_a_hung_last_item_are_harvested_while_it_hangs() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), 3);
+    let hang = {
+        let gates = gates.clone();
+        move |n: u64| {
+            if n == 3 {
+                gates.wait(3);
+            }
+            n
+        }
+    };
+    let mut results = stream::iter(0..4u64).par_imap_unordered(2, hang).batch(4);
+    let mut before = Vec::new();
+    for _ in 0..3 {
+        let next = tokio::time::timeout(BOUND, results.next()).await;
+        before.push(
+            next.expect("a result made before the hung item never came")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    before.sort_unstable();
+    assert_eq!(before, [0, 1, 2]);
+    gates.open(3);
+    let last = tokio::time::timeout(BOUND, results.next()).await.unwrap();
+    assert_eq!(last.unwrap().unwrap(), 3);
+    assert!(results.next().await.is_none());
+}
+
 /// Row 3, in input order: with a `.timeout` that never fires, the items
 /// after a hung one (more than a call's most, fewer than the window holds)
 /// are all mapped while it hangs; afterwards every result comes, in order.

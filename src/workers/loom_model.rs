@@ -233,3 +233,26 @@ fn loom_refused_spawn_while_pushing_limit_1() {
 fn loom_refused_spawn_while_pushing_limit_2() {
     refused_spawn_while_pushing(2);
 }
+
+/// A shared job's extra worker (`add_thief`) in a pool of two, while the
+/// first worker's spell may end and the pool closes: the thief is woken or
+/// started only while there is room, and every worker, thief or not,
+/// leaves; the job is run or dropped once.
+#[test]
+fn loom_thief_added_vs_idle_timeout_vs_close() {
+    model(|| {
+        let fate = Fate::new();
+        let workers = Workers::<Probe>::new((), 2);
+        let pool = Arc::clone(&workers.pool);
+        let mut started: Vec<_> = start(workers.push(Probe::new(&fate))).into_iter().collect();
+        let clock = clock(&pool);
+        started.extend(start(workers.add_thief()));
+        assert!(started.len() <= 2, "no more workers than the limit");
+        workers.close();
+        assert!(workers.add_thief().is_none(), "closed: no thief");
+        drop(workers);
+        clock.join().unwrap();
+        join(started);
+        assert_done(&pool, &fate, 1);
+    });
+}
