@@ -420,6 +420,20 @@ mod tests {
         }
     }
 
+    /// A drain counts the results it handed out: once some of a call's
+    /// results came, the lowest index owed is the next of them.
+    #[test]
+    fn lowest_owed_moves_past_what_a_partly_drained_call_yielded() {
+        let mut buffer = Reorder::new(Order::Completion);
+        buffer.push(3, "a");
+        buffer.push(1, "b");
+        buffer.complete(0, 0, ok(&[0, 1, 2]));
+        assert_eq!(buffer.pop().map(Result::unwrap), Some(0));
+        assert_eq!(buffer.lowest_owed(), 1);
+        assert_eq!(buffer.pop().map(Result::unwrap), Some(1));
+        assert_eq!(buffer.lowest_owed(), 2);
+    }
+
     #[test]
     fn completion_order_yields_as_finished() {
         let mut buffer = Reorder::new(Order::Completion);
