@@ -420,6 +420,19 @@ mod tests {
         }
     }
 
+    /// The guess that a call's slot sits as far from the front as its index
+    /// holds only for one-item calls: an index inside a longer call must
+    /// not find the call after it.
+    #[test]
+    fn an_index_inside_a_call_is_not_the_next_call() {
+        let mut buffer: Reorder<u32, &str> = Reorder::new(Order::Input);
+        buffer.push(2, "a");
+        buffer.push(1, "b");
+        buffer.push(1, "c");
+        assert!(!buffer.is_running(1), "index 1 is inside call 0");
+        assert!(buffer.is_running(2) && buffer.is_running(0));
+    }
+
     /// A drain counts the results it handed out: once some of a call's
     /// results came, the lowest index owed is the next of them.
     #[test]
