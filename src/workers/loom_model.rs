@@ -13,7 +13,7 @@ use loom::thread::{self, JoinHandle};
 
 use super::{Job, Pool, Worker, Workers};
 
-/// Keeps the five models to about 15 seconds in release mode; the
+/// Keeps the six models to about a minute in release mode; the
 /// mutants tried (MUTANTS.md) are caught at 3 already.
 const PREEMPTIONS: usize = 4;
 
