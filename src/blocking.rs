@@ -122,12 +122,14 @@ where
             mapper: PhantomData,
         };
         let shared = job.items.len() > 1;
+        let worker = self.workers.push(job);
         // Someone to take the items of a call of several should one hang.
-        let thief = |workers: &Workers<_>| if shared { workers.add_thief() } else { None };
-        for worker in [self.workers.push(job), thief(&self.workers)]
-            .into_iter()
-            .flatten()
-        {
+        let thief = if shared {
+            self.workers.add_thief()
+        } else {
+            None
+        };
+        for worker in worker.into_iter().chain(thief) {
             // A runtime shutting down drops the closure unrun: the worker
             // gives its place back and its jobs report themselves cancelled.
             runtime.spawn_blocking(move || worker.run());

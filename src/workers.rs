@@ -146,12 +146,7 @@ impl<J: Job> Workers<J> {
             return None;
         }
         queue.jobs.push_back(job);
-        let start_worker = self.pool.wake_or_count(&mut queue);
-        drop(queue);
-        start_worker.then(|| Worker {
-            pool: Arc::clone(&self.pool),
-            left: false,
-        })
+        self.wake_or_start(queue)
     }
 
     /// One more worker to look at the running jobs for work to steal, after
@@ -161,11 +156,29 @@ impl<J: Job> Workers<J> {
     /// fewer than `limit` exist. Without it the only job of a map, pushed
     /// when no worker existed, would have nobody to share it with.
     pub(crate) fn add_thief(&self) -> Option<Worker<J>> {
-        let mut queue = self.pool.lock();
+        let queue = self.pool.lock();
         if queue.closed {
             return None;
         }
-        let start_worker = self.pool.wake_or_count(&mut queue);
+        self.wake_or_start(queue)
+    }
+
+    /// Wakes an idle worker, or counts a new one and returns it for the
+    /// caller to start while fewer than `limit` exist; else the busy ones
+    /// will look. The lock is released before the new `Worker` exists,
+    /// since dropping it (a refused spawn) takes it again.
+    fn wake_or_start(&self, mut queue: MutexGuard<'_, Queue<J>>) -> Option<Worker<J>> {
+        let start_worker = if queue.idle > 0 {
+            queue.idle -= 1;
+            queue.woken += 1;
+            self.pool.work.notify_one();
+            false
+        } else if queue.workers < self.pool.limit {
+            queue.workers += 1;
+            true
+        } else {
+            false
+        };
         drop(queue);
         start_worker.then(|| Worker {
             pool: Arc::clone(&self.pool),
@@ -219,22 +232,6 @@ impl<J: Job> Pool<J> {
         let queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.check(self.limit);
         queue
-    }
-
-    /// Wakes an idle worker, or counts a new one (true: the caller starts
-    /// it) while fewer than `limit` exist; else the busy ones will look.
-    fn wake_or_count(&self, queue: &mut Queue<J>) -> bool {
-        if queue.idle > 0 {
-            queue.idle -= 1;
-            queue.woken += 1;
-            self.work.notify_one();
-            false
-        } else if queue.workers < self.limit {
-            queue.workers += 1;
-            true
-        } else {
-            false
-        }
     }
 
     /// The next job, or `None` when the worker leaves; it is then no longer

@@ -211,12 +211,12 @@ async fn every_other_item_arrives_while_one_hangs(
     assert!(results.next().await.is_none());
 }
 
-/// A mapper of trivial items, but item `HUNG` waits on its gate.
-fn hangs_at(gates: &Gates) -> impl Fn(u64) -> u64 + Send + Sync + 'static {
+/// A mapper of trivial items, but item `hung` waits on its gate.
+fn hangs_at(gates: &Gates, hung: u64) -> impl Fn(u64) -> u64 + Send + Sync + 'static {
     let gates = gates.clone();
     move |n| {
-        if n == HUNG {
-            gates.wait(HUNG as usize);
+        if n == hung {
+            gates.wait(hung as usize);
         }
         n
     }
@@ -226,7 +226,7 @@ fn hangs_at(gates: &Gates) -> impl Fn(u64) -> u64 + Send + Sync + 'static {
 async fn hung_item_does_not_hold_back_the_rest_of_its_adaptive_call() {
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), HUNG as usize);
-    let results = stream::iter(0..ITEMS).par_imap_unordered(2, hangs_at(&gates));
+    let results = stream::iter(0..ITEMS).par_imap_unordered(2, hangs_at(&gates, HUNG));
     every_other_item_arrives_while_one_hangs(results, &gates).await;
 }
 
@@ -235,7 +235,7 @@ async fn hung_item_does_not_hold_back_the_rest_of_its_fixed_batch() {
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), HUNG as usize);
     let results = stream::iter(0..ITEMS)
-        .par_imap_unordered(2, hangs_at(&gates))
+        .par_imap_unordered(2, hangs_at(&gates, HUNG))
         .batch(256);
     every_other_item_arrives_while_one_hangs(results, &gates).await;
 }
@@ -245,7 +245,7 @@ async fn hung_item_does_not_hold_back_the_rest_of_its_call_under_a_timeout_that_
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), HUNG as usize);
     let results = stream::iter(0..ITEMS)
-        .par_imap_unordered(2, hangs_at(&gates))
+        .par_imap_unordered(2, hangs_at(&gates, HUNG))
         .timeout(Duration::from_secs(600));
     every_other_item_arrives_while_one_hangs(results, &gates).await;
 }
@@ -258,16 +258,9 @@ async fn hung_item_does_not_hold_back_the_rest_of_its_call_under_a_timeout_that_
 async fn hung_item_does_not_hold_back_the_rest_of_the_only_call() {
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), 0);
-    let hang = {
-        let gates = gates.clone();
-        move |n: u64| {
-            if n == 0 {
-                gates.wait(0);
-            }
-            n
-        }
-    };
-    let mut results = stream::iter(0..2u64).par_imap_unordered(2, hang).batch(2);
+    let mut results = stream::iter(0..2u64)
+        .par_imap_unordered(2, hangs_at(&gates, 0))
+        .batch(2);
     let first = tokio::time::timeout(BOUND, results.next()).await;
     assert_eq!(
         first
@@ -289,16 +282,9 @@ async fn hung_item_does_not_hold_back_the_rest_of_the_only_call() {
 async fn results_before_a_hung_last_item_are_harvested_while_it_hangs() {
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), 3);
-    let hang = {
-        let gates = gates.clone();
-        move |n: u64| {
-            if n == 3 {
-                gates.wait(3);
-            }
-            n
-        }
-    };
-    let mut results = stream::iter(0..4u64).par_imap_unordered(2, hang).batch(4);
+    let mut results = stream::iter(0..4u64)
+        .par_imap_unordered(2, hangs_at(&gates, 3))
+        .batch(4);
     let mut before = Vec::new();
     for _ in 0..3 {
         let next = tokio::time::timeout(BOUND, results.next()).await;
@@ -325,7 +311,7 @@ async fn timeout_that_never_fires_keeps_stealing_from_a_call_with_a_hung_item() 
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), HUNG as usize);
     let mapped_after = Arc::new(AtomicU64::new(0));
-    let (count, hang) = (mapped_after.clone(), hangs_at(&gates));
+    let (count, hang) = (mapped_after.clone(), hangs_at(&gates, HUNG));
     let results = stream::iter(0..ITEMS)
         .par_imap(2, move |n| {
             if (HUNG + 1..=HUNG + AFTER).contains(&n) {
