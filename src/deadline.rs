@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -67,6 +68,10 @@ pub(crate) enum Due {
     RuntimeGone,
 }
 
+/// The runtime that owns the timer has shut down: the timer is dropped.
+#[derive(Debug)]
+pub(crate) struct RuntimeGone;
+
 impl Deadlines {
     pub(crate) fn insert(&mut self, at: Instant, call: usize) {
         self.pending.insert((at, call));
@@ -88,8 +93,12 @@ impl Deadlines {
         };
         // A timer that fired means the deadline has come, whatever the
         // clock read a moment ago.
-        if at > Instant::now() && self.poll_timer(at, cx).is_pending() {
-            return Due::Nothing;
+        if at > Instant::now() {
+            match self.poll_timer(at, cx) {
+                Err(RuntimeGone) => return Due::RuntimeGone,
+                Ok(Poll::Pending) => return Due::Nothing,
+                Ok(Poll::Ready(())) => {}
+            }
         }
         self.pending.pop_first();
         Due::Call(at, call)
@@ -97,23 +106,41 @@ impl Deadlines {
 
     /// Sets the timer for the earliest deadline, or wakes the task at once
     /// if it is due already.
-    pub(crate) fn arm(&mut self, cx: &mut Context<'_>) {
+    pub(crate) fn arm(&mut self, cx: &mut Context<'_>) -> Result<(), RuntimeGone> {
         let Some(&(at, _)) = self.pending.first() else {
-            return;
+            return Ok(());
         };
-        if self.poll_timer(at, cx).is_ready() {
+        if self.poll_timer(at, cx)?.is_ready() {
             cx.waker().wake_by_ref();
         }
+        Ok(())
     }
 
     /// Polls the one timer, set to `at` (made on this runtime if there is
     /// none; re-registered if it fired for an earlier deadline).
-    fn poll_timer(&mut self, at: Instant, cx: &mut Context<'_>) -> Poll<()> {
+    ///
+    /// The watch says when the timer's runtime has dropped its tasks, but
+    /// tokio may shut the timer down a moment before (or while) it does,
+    /// and polling a timer shut down panics inside tokio ("being
+    /// shutdown"). That panic is caught here and read as the runtime gone:
+    /// it never unwinds out of `poll_next`.
+    fn poll_timer(&mut self, at: Instant, cx: &mut Context<'_>) -> Result<Poll<()>, RuntimeGone> {
         let timer = self.timer.get_or_insert_with(|| Timer::new(at));
-        if timer.sleep.deadline() != at || timer.sleep.is_elapsed() {
-            timer.sleep.as_mut().reset(at);
+        if timer.is_runtime_gone() {
+            self.timer = None;
+            return Err(RuntimeGone);
         }
-        timer.sleep.as_mut().poll(cx)
+        let polled = catch_unwind(AssertUnwindSafe(|| {
+            if timer.sleep.deadline() != at || timer.sleep.is_elapsed() {
+                timer.sleep.as_mut().reset(at);
+            }
+            timer.sleep.as_mut().poll(cx)
+        }));
+        polled.map_err(|payload| {
+            self.timer = None;
+            drop_contained(Some(payload));
+            RuntimeGone
+        })
     }
 
     pub(crate) fn clear(&mut self) {
@@ -276,5 +303,44 @@ impl<U: Send> GiveUp for Progress<U> {
     fn is_given_up(&self, index: usize) -> bool {
         let state = self.lock();
         state.given_up == Some(index) || self.overran(&state, index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime")
+    }
+
+    /// tokio may shut a runtime's timer down before it drops the runtime's
+    /// tasks, so the watch can still say "alive" when the timer is gone
+    /// (seen once in CI: a panic "being shutdown" out of `poll_next`). Here
+    /// the watch is held alive by the test while the runtime goes away.
+    #[test]
+    fn a_timer_whose_runtime_shut_down_before_its_watch_says_runtime_gone() {
+        let first = runtime();
+        let mut deadlines = Deadlines::default();
+        let far = first.block_on(async { Instant::now() + Duration::from_secs(3600) });
+        deadlines.insert(far, 0);
+        let (keep_alive, alive) = oneshot::channel::<()>();
+        first.block_on(std::future::poll_fn(|cx| {
+            assert!(matches!(deadlines.poll_due(cx), Due::Nothing));
+            Poll::Ready(())
+        }));
+        let timer = deadlines.timer.as_mut().expect("armed");
+        timer.alive = alive;
+        drop(first);
+        let second = runtime();
+        second.block_on(std::future::poll_fn(|cx| {
+            assert!(matches!(deadlines.poll_due(cx), Due::RuntimeGone));
+            Poll::Ready(())
+        }));
+        assert!(deadlines.timer.is_none());
+        drop(keep_alive);
     }
 }

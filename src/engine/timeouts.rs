@@ -89,7 +89,9 @@ impl<U> Engine<U> {
                 } => self.time_out(call, first, &mut earlier, index, now, timeout),
             }
         }
-        self.deadlines.arm(cx);
+        if self.deadlines.arm(cx).is_err() {
+            self.phase = Phase::CancelledUnder;
+        }
     }
 
     /// Item `index` of `call` timed out: the call's results before it are
