@@ -93,6 +93,11 @@ impl Shared {
         index >= self.cutoff.load(Ordering::Relaxed)
     }
 
+    /// The lowest index no longer wanted (`usize::MAX` while every item is).
+    pub(crate) fn cutoff(&self) -> usize {
+        self.cutoff.load(Ordering::Relaxed)
+    }
+
     /// Whether the caller gave a token (async calls then watch `closed`).
     pub(crate) fn has_token(&self) -> bool {
         self.token.is_some()

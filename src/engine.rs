@@ -38,6 +38,7 @@ use crate::call::Shared;
 use crate::deadline::Deadlines;
 use crate::deadline::Progress;
 use crate::error::Error;
+use crate::keys::{Input, Keys};
 use crate::options::Options;
 use crate::options::Order;
 use crate::reorder::Reorder;
@@ -106,6 +107,8 @@ pub(crate) struct Engine<U> {
     abort_from: Option<usize>,
     /// Results to hand out before phases 2 and 3 are looked at again.
     quick_yields: u8,
+    /// With `.key_order`: the keys of the items in the window.
+    keys: Option<Keys>,
 }
 
 /// Where a map is in its life. It moves only forward, through the methods
@@ -130,11 +133,13 @@ enum Phase {
 impl<U> Engine<U> {
     /// `batches`: whether the runner takes several items per call.
     pub(crate) fn new(options: Options, batches: bool) -> Self {
+        let counters = Arc::new(Counters::default());
+        counters.limit(options.limit);
         Engine {
             calls: Reorder::new(options.order),
             sizer: Sizer::new(options.batch, batches),
             options,
-            counters: Arc::default(),
+            counters,
             shared: None,
             cancelled: None,
             token_watch: None,
@@ -146,6 +151,7 @@ impl<U> Engine<U> {
             phase: Phase::Pulling,
             abort_from: None,
             quick_yields: 0,
+            keys: None,
         }
     }
 
@@ -169,6 +175,17 @@ impl<U> Engine<U> {
     pub(crate) fn set_batch(&mut self, k: usize) {
         self.options_mut().batch = Some(k);
         self.sizer = Sizer::new(Some(k), true);
+    }
+
+    /// `.key_order`: items of one key never run at the same time.
+    #[track_caller]
+    pub(crate) fn set_key_order(&mut self) {
+        self.options_mut();
+        self.keys = Some(Keys::default());
+    }
+
+    pub(crate) fn has_key_order(&self) -> bool {
+        self.keys.is_some()
     }
 
     pub(crate) fn counters(&self) -> &Arc<Counters> {
@@ -215,7 +232,7 @@ impl<U> Engine<U> {
     /// One poll of the map: the phases in order.
     pub(crate) fn poll_next<T, St, R>(
         &mut self,
-        mut input: Pin<&mut Option<St>>,
+        mut input: Pin<&mut Option<Input<St>>>,
         runner: &mut R,
         is_failure: IsFailure<U>,
         cx: &mut Context<'_>,
@@ -322,7 +339,7 @@ impl<U> Engine<U> {
     fn hand_out<St: Stream, R: Spawn<St::Item>>(
         &mut self,
         result: Result<U, Error>,
-        input: Pin<&mut Option<St>>,
+        input: Pin<&mut Option<Input<St>>>,
         runner: &mut R,
         is_failure: IsFailure<U>,
     ) -> Result<U, Error> {
@@ -349,7 +366,7 @@ impl<U> Engine<U> {
     /// yielded, or just ends it if nothing is owed.
     fn cancel<St: Stream, R: Spawn<St::Item>>(
         &mut self,
-        input: Pin<&mut Option<St>>,
+        input: Pin<&mut Option<Input<St>>>,
         runner: &mut R,
     ) -> Option<Result<U, Error>> {
         let owed = (!self.is_drained()).then(|| self.calls.lowest_owed());
@@ -369,7 +386,7 @@ impl<U> Engine<U> {
     /// queued calls and the input are dropped, in that order.
     fn end_map<St: Stream, R: Spawn<St::Item>>(
         &mut self,
-        mut input: Pin<&mut Option<St>>,
+        mut input: Pin<&mut Option<Input<St>>>,
         runner: &mut R,
     ) {
         self.phase = Phase::Ended;
@@ -378,6 +395,10 @@ impl<U> Engine<U> {
         }
         self.calls.clear();
         self.deadlines.clear();
+        if let Some(keys) = &mut self.keys {
+            keys.clear();
+            self.counters.waiting(0);
+        }
         self.cancelled = None;
         self.token_watch = None;
         runner.close();

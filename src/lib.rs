@@ -118,6 +118,7 @@ mod engine;
 mod error;
 mod ext;
 mod init;
+mod keys;
 mod options;
 #[cfg(feature = "process")]
 pub mod process;

@@ -61,6 +61,8 @@ pub(crate) enum Part<R> {
 
 #[derive(Debug)]
 enum State<U, R> {
+    /// Pulled, not given to a call yet (`.key_order`: its key is busy).
+    Waiting,
     Running(R),
     Skipped,
     Done(Drain<U>),
@@ -129,6 +131,74 @@ impl<U, R> Reorder<U, R> {
             state: State::Running(running),
         });
         first
+    }
+
+    /// The next `len` items were pulled and wait to be given to calls;
+    /// returns the first one's index.
+    pub(crate) fn push_waiting(&mut self, len: usize) -> usize {
+        let first = self.next_in;
+        self.next_in += len;
+        self.slots.push_back(Slot {
+            call: first,
+            first,
+            end: self.next_in,
+            state: State::Waiting,
+        });
+        first
+    }
+
+    /// The waiting items `first..first + len` were given to the call
+    /// `first`, with the handle `running`; `Err` gives `running` back when
+    /// they do not wait (any more: the map forgot them).
+    pub(crate) fn start_waiting(&mut self, first: usize, len: usize, running: R) -> Result<(), R> {
+        let end = first + len;
+        let Some(at) = self
+            .slots
+            .partition_point(|slot| slot.first <= first)
+            .checked_sub(1)
+        else {
+            return Err(running);
+        };
+        // The waiting slots that cover `first..end`, without a gap.
+        let mut last = at;
+        loop {
+            let slot = &self.slots[last];
+            if !matches!(slot.state, State::Waiting) || (last == at && first >= slot.end) {
+                return Err(running);
+            }
+            if slot.end >= end {
+                break;
+            }
+            match self.slots.get(last + 1) {
+                Some(next) if next.first == slot.end => last += 1,
+                _ => return Err(running),
+            }
+        }
+        // What waits before and after the call stays waiting.
+        let (before, after) = (self.slots[at].first, self.slots[last].end);
+        drop(self.slots.drain(at..=last));
+        let waiting = |first: usize, end: usize| Slot {
+            call: first,
+            first,
+            end,
+            state: State::Waiting,
+        };
+        if end < after {
+            self.slots.insert(at, waiting(end, after));
+        }
+        self.slots.insert(
+            at,
+            Slot {
+                call: first,
+                first,
+                end,
+                state: State::Running(running),
+            },
+        );
+        if before < first {
+            self.slots.insert(at, waiting(before, first));
+        }
+        Ok(())
     }
 
     /// Where the running part of `call` is, if it still runs.
@@ -285,6 +355,12 @@ impl<U, R> Reorder<U, R> {
     pub(crate) fn truncate_after(&mut self, index: usize) {
         let keep = self.slots.partition_point(|slot| slot.first <= index);
         drop_slots(self.slots.split_off(keep));
+        // Items after `index` that waited for a call will never get one.
+        if let Some(last) = self.slots.back_mut() {
+            if matches!(last.state, State::Waiting) {
+                last.end = last.end.min(index + 1);
+            }
+        }
     }
 
     /// Forgets every call not finished yet (fail-fast in completion order);
@@ -386,6 +462,59 @@ mod tests {
         std::iter::from_fn(|| buffer.pop())
             .map(|result| result.unwrap())
             .collect()
+    }
+
+    #[test]
+    fn waiting_items_hold_their_place_and_start_as_one_call() {
+        let mut buffer = Reorder::new(Order::Input);
+        assert_eq!(buffer.push_waiting(4), 0);
+        assert_eq!(buffer.lowest_owed(), 0);
+        // Items 2 and 3 overtake 0 and 1, as one call.
+        assert!(buffer.start_waiting(2, 2, "call 2").is_ok());
+        assert_eq!(
+            buffer.start_waiting(2, 1, "again"),
+            Err("again"),
+            "runs already"
+        );
+        assert_eq!(buffer.complete(2, 2, ok(&[12, 13])), Some("call 2"));
+        assert_eq!(drain_all(&mut buffer), [] as [u32; 0], "item 0 still waits");
+        assert!(buffer.start_waiting(0, 1, "call 0").is_ok());
+        assert!(buffer.start_waiting(1, 1, "call 1").is_ok());
+        assert_eq!(buffer.complete(1, 1, ok(&[11])), Some("call 1"));
+        assert_eq!(buffer.complete(0, 0, ok(&[10])), Some("call 0"));
+        assert_eq!(drain_all(&mut buffer), [10, 11, 12, 13]);
+        assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn a_call_may_take_items_that_waited_in_several_pulls() {
+        let mut buffer = Reorder::new(Order::Completion);
+        buffer.push_waiting(1);
+        buffer.push_waiting(2);
+        buffer.push_waiting(1);
+        assert!(buffer.start_waiting(1, 3, "call 1").is_ok());
+        assert_eq!(buffer.start_waiting(3, 1, "again"), Err("again"));
+        assert_eq!(buffer.lowest_owed(), 0, "item 0 still waits");
+        assert_eq!(buffer.complete(1, 1, ok(&[11, 12, 13])), Some("call 1"));
+        assert_eq!(drain_all(&mut buffer), [11, 12, 13]);
+        assert!(buffer.start_waiting(0, 1, "call 0").is_ok());
+        assert_eq!(buffer.complete(0, 0, ok(&[10])), Some("call 0"));
+        assert_eq!(drain_all(&mut buffer), [10]);
+        assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn waiting_items_after_a_failure_are_forgotten() {
+        let mut buffer = Reorder::<u32, &str>::new(Order::Input);
+        buffer.push_waiting(3);
+        buffer.truncate_after(0);
+        assert_eq!(buffer.start_waiting(1, 1, "call 1"), Err("call 1"));
+        assert!(buffer.start_waiting(0, 1, "call 0").is_ok());
+        let mut unordered = Reorder::<u32, &str>::new(Order::Completion);
+        unordered.push_waiting(2);
+        unordered.forget_unfinished();
+        assert!(unordered.is_empty());
+        assert_eq!(unordered.lowest_owed(), 0, "the forgotten are still owed");
     }
 
     #[test]

@@ -24,6 +24,8 @@ struct Line<T>(T);
 #[derive(Debug, Default)]
 struct EngineCounters {
     pulled: AtomicU64,
+    waiting: AtomicU64,
+    limit: AtomicU64,
     failed: AtomicU64,
     yielded: AtomicU64,
 }
@@ -54,6 +56,16 @@ impl Counters {
 
     /// A call's first item began: one increment per call, not per item,
     /// so that short items in a batch do not contend on this line.
+    /// Items pulled and waiting for their key (`.key_order`).
+    pub(crate) fn waiting(&self, items: usize) {
+        self.engine.0.waiting.store(items as u64, Relaxed);
+    }
+
+    /// The limit on calls running at once.
+    pub(crate) fn limit(&self, limit: usize) {
+        self.engine.0.limit.store(limit as u64, Relaxed);
+    }
+
     pub(crate) fn call_started(&self) {
         self.calls.0.started.fetch_add(1, Relaxed);
         self.calls.0.running.fetch_add(1, Relaxed);
@@ -174,6 +186,8 @@ impl Stats {
             failed: engine.failed.load(Relaxed),
             yielded: engine.yielded.load(Relaxed),
             busy: Duration::from_nanos(counters.busy_nanos.load(Relaxed)),
+            waiting: engine.waiting.load(Relaxed),
+            limit: engine.limit.load(Relaxed),
         }
     }
 }
@@ -220,4 +234,10 @@ pub struct Snapshot {
     /// [`ParImap::stats`](crate::ParImap::stats) was first called (before
     /// that, async calls read no clock at all).
     pub busy: Duration,
+    /// Items pulled that wait for a call: with
+    /// [`key_order`](crate::ParImap::key_order), items whose key is busy.
+    /// They count in the window, not in `in_flight`, and hold no permit.
+    pub waiting: u64,
+    /// The most mapper calls that may run at once: the map's `limit`.
+    pub limit: u64,
 }

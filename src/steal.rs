@@ -14,9 +14,9 @@
 //! before the owner's end, and results come to it in index order. Nothing
 //! is ever in two hands: each item and each result leaves the loot once.
 //!
-//! The seam for per-key order: a thief must not take an item whose key has
-//! an earlier item not finished in the call; [`Loot::steal`] is where that
-//! check goes.
+//! Per-key order needs no check here: with `.key_order` a call never holds
+//! two items of one key (see `keys.rs`), so whatever a thief takes, no two
+//! items of a key can run at once.
 //!
 //! Under `cfg(par_imap_loom)` the lock is loom's, as in the worker pool,
 //! and the protocol is model-checked (`steal/loom_model.rs`).

@@ -3,6 +3,7 @@
 //! [engine](crate::engine).
 
 use std::fmt;
+use std::hash::Hash;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::Engine;
 #[cfg(doc)]
 use crate::error::Error;
+use crate::keys::{Input, KeyFn};
 use crate::options::Options;
 use crate::options::Order;
 use crate::spawn::Spawn;
@@ -62,7 +64,7 @@ pin_project! {
         kind: PhantomData<fn() -> K>,
         // `None` once the map has ended: an ended map holds no input.
         #[pin]
-        input: Option<St>,
+        input: Option<Input<St>>,
     }
 }
 
@@ -93,7 +95,7 @@ where
             ),
             runner: K::runner(mapper, limit),
             kind: PhantomData,
-            input: Some(input),
+            input: Some(Input::new(input)),
         }
     }
 
@@ -295,6 +297,73 @@ where
         self
     }
 
+    /// Maps items with equal keys one after another, in input order, while
+    /// items of different keys run in parallel: per-key order, as Kafka
+    /// gives per partition and Confluent's parallel-consumer per key.
+    ///
+    /// `key` is called once per item, on the consumer's task, when the item
+    /// is pulled; a panic there is that item's panic error
+    /// ([`Error::is_panic`]). Items with equal keys are never mapped at the
+    /// same time and start in input order: a key is busy from the moment one
+    /// of its items is given to a call until that call has really ended (a
+    /// timed-out blocking item holds its key until its thread returns).
+    ///
+    /// While the window has room and a call could start, input is pulled
+    /// even if the pulled item then waits for its key. A waiting item counts
+    /// in the window, not in `in_flight`, holds no permit of a
+    /// [`semaphore`](ParImap::semaphore), and shows in
+    /// [`Snapshot::waiting`](crate::Snapshot::waiting). When a call can
+    /// start it takes the lowest-index waiting item whose key is free (and,
+    /// for blocking calls, the items right after it whose keys are free and
+    /// differ: a call never holds two items of one key, so work stealing
+    /// needs no extra rule). Items that overtook a waiting one wait in the
+    /// window for their turn in input order; unordered, they are yielded
+    /// when done.
+    ///
+    /// Output order, fail-fast, timeouts and what is dropped are unchanged;
+    /// with [`keep_going`](ParImap::keep_going) a key's later items are
+    /// mapped after its failed item. Keys are kept only while an item of
+    /// theirs is in the window (as a 64-bit hash: two different keys that
+    /// collide only take turns), so memory is O(window) however many
+    /// distinct keys go by. One key is a serial loop; all keys distinct cost
+    /// about what the map costs without `key_order`.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if the stream was already polled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// // Events of one account apply one after another; accounts in parallel.
+    /// let events = [("alice", 10), ("bob", 5), ("alice", -3), ("bob", 1)];
+    /// let applied: Vec<(&str, i32)> = stream::iter(events)
+    ///     .par_imap_async(4, |(account, amount)| async move { (account, amount) })
+    ///     .key_order(|&(account, _)| account)
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(applied, events);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn key_order<Key, KeyOf>(mut self, key: KeyOf) -> Self
+    where
+        KeyOf: Fn(&St::Item) -> Key + Send + Sync + 'static,
+        Key: Hash + Eq + Send + 'static,
+    {
+        self.engine.set_key_order();
+        if let Some(input) = &mut self.input {
+            input.set_key(KeyFn::new(key));
+        }
+        self
+    }
+
     /// Goes on past failures: a failed item (a panic, a timeout, or a `try_`
     /// mapper's `Err`) is yielded at its place as its error, and the map
     /// goes on with the next items, as `concurrent.futures` or pebble do.
@@ -457,7 +526,10 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let input = self.input.as_ref().map_or((0, Some(0)), Stream::size_hint);
+        let input = self
+            .input
+            .as_ref()
+            .map_or((0, Some(0)), |input| input.stream().size_hint());
         self.engine.size_hint(input)
     }
 }
@@ -489,6 +561,7 @@ where
             .field("batch", &options.batch)
             .field("timeout", &options.timeout)
             .field("keep_going", &options.keep_going)
+            .field("key_order", &engine.has_key_order())
             .field("pulled", &pulled)
             .field("yielded", &yielded)
             .field("in_flight", &in_flight)

@@ -496,6 +496,33 @@ fn main() {
         println!("{}", rate(rate_now));
         return;
     }
+    if let [mode, micros, items, keys] = args.as_slice()
+        && mode == "keyed"
+    {
+        // `.key_order` with the defaults: every item its own key
+        // (`distinct`), `N` keys in turn, or `none` (no `.key_order`, the
+        // same map), for the cost of keeping keys apart.
+        let (micros, items): (f64, u64) =
+            (micros.parse().expect("µs"), items.parse().expect("items"));
+        let rounds = calibrate(micros);
+        let keys = keys.clone();
+        let (rate_now, _) = measure(items, || {
+            let map = stream::iter(0..items).par_imap(LIMIT, move |i| work(i, rounds));
+            let map = match keys.as_str() {
+                "none" => map,
+                "distinct" => map.key_order(|&i| i),
+                n => {
+                    let n: u64 = n.parse().expect("a key count");
+                    map.key_order(move |&i| i % n)
+                }
+            };
+            runtime()
+                .block_on(map.try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }))
+                .expect("no panics")
+        });
+        println!("{}", rate(rate_now));
+        return;
+    }
     if let [mode, items, which] = args.as_slice()
         && mode == "async-one"
     {

@@ -20,6 +20,7 @@ impl<U> Engine<U> {
                 Event::Started { call } => self.arm(call, None),
                 Event::Skipped { call } => {
                     self.in_flight -= 1;
+                    self.release_keys(call);
                     // A failure at a lower index, or the end of the map,
                     // explains it; until then its items stay owed.
                     let running = self.calls.skip(call);
@@ -32,8 +33,11 @@ impl<U> Engine<U> {
                     at,
                     progress,
                 } => {
-                    if at.is_some() {
+                    if let Some(at) = at {
                         self.in_flight += 1;
+                        if let Some(keys) = &mut self.keys {
+                            keys.split(call, at);
+                        }
                     }
                     self.take_stolen(call, done, results, is_failure);
                     let Some(at) = at else { return };
@@ -59,6 +63,7 @@ impl<U> Engine<U> {
                     busy,
                 } => {
                     self.in_flight -= 1;
+                    self.release_keys(call);
                     self.sizer.observe(mapped, busy);
                     if !self.calls.is_running(call) {
                         // No longer wanted: dropped here, a panic of its
@@ -79,6 +84,13 @@ impl<U> Engine<U> {
                     }
                 }
             }
+        }
+    }
+
+    /// The call really ended (`.key_order`): its items' keys are free.
+    fn release_keys(&mut self, call: usize) {
+        if let Some(keys) = &mut self.keys {
+            keys.release(call);
         }
     }
 

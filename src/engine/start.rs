@@ -1,6 +1,7 @@
 //! How the engine starts calls: while the limit, the window and the budget
 //! allow, with items pulled only as far as the input has them ready.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,6 +14,8 @@ use super::{Engine, Phase, Running};
 use crate::batch::Batch;
 use crate::call::Call;
 use crate::deadline::Progress;
+use crate::error::{Error, drop_contained};
+use crate::keys::Input;
 use crate::sizer;
 use crate::spawn::{IsFailure, Spawn};
 
@@ -20,7 +23,7 @@ impl<U> Engine<U> {
     /// Starts calls while the limit and the window have room.
     pub(super) fn start_calls<T, St, R>(
         &mut self,
-        mut input: Pin<&mut Option<St>>,
+        mut input: Pin<&mut Option<Input<St>>>,
         runner: &mut R,
         is_failure: IsFailure<U>,
         cx: &mut Context<'_>,
@@ -28,6 +31,7 @@ impl<U> Engine<U> {
         St: Stream<Item = T>,
         R: Spawn<T, Output = U>,
     {
+        self.start_waiting(input.as_mut(), runner, is_failure);
         while self.can_start(R::BATCHES) {
             let most = self.sizer.next_size();
             let room = self.window() - (self.pulled - self.yielded);
@@ -50,13 +54,12 @@ impl<U> Engine<U> {
             let first = self.pulled;
             self.pulled += items.len();
             self.counters.pulled(items.len());
-            // Adaptive sizes: while workers are idle, what came is shared
-            // among them rather than queued behind one, so a slow item never
-            // holds back the ones after it while a worker is free.
-            let pieces = match self.options.batch {
-                None => self.options.limit.saturating_sub(self.in_flight),
-                Some(_) => 1,
-            };
+            if self.keys.is_some() {
+                self.wait_for_keys(input.as_mut(), first, items, is_failure);
+                self.start_waiting(input.as_mut(), runner, is_failure);
+                continue;
+            }
+            let pieces = self.pieces();
             items.split(first, pieces, |first, piece| {
                 let len = piece.len();
                 let running = self.start(runner, first, piece, is_failure);
@@ -65,23 +68,175 @@ impl<U> Engine<U> {
         }
     }
 
-    pub(super) fn can_start(&self, batches: bool) -> bool {
+    /// Adaptive sizes: while workers are idle, what came is shared among
+    /// them rather than queued behind one, so a slow item never holds back
+    /// the ones after it while a worker is free.
+    fn pieces(&self) -> usize {
+        match self.options.batch {
+            None => self.options.limit.saturating_sub(self.in_flight).max(1),
+            Some(_) => 1,
+        }
+    }
+
+    /// `.key_order`: the items pulled from `first` on wait for their keys.
+    /// A panic of the key function is that item's panic error.
+    fn wait_for_keys<St: Stream>(
+        &mut self,
+        mut input: Pin<&mut Option<Input<St>>>,
+        first: usize,
+        items: Batch<St::Item>,
+        is_failure: IsFailure<U>,
+    ) {
+        self.calls.push_waiting(items.len());
+        for (index, item) in (first..).zip(items) {
+            let keyed = input.as_mut().as_pin_mut().and_then(Input::keyed);
+            let (Some(keyed), Some(keys)) = (keyed, self.keys.as_mut()) else {
+                drop_contained(item);
+                continue;
+            };
+            match panic::catch_unwind(AssertUnwindSafe(|| keyed.key(&item))) {
+                Ok(key) => {
+                    keys.arrive(index, key);
+                    keyed.wait(index, item);
+                }
+                Err(payload) => {
+                    drop_contained(item);
+                    self.key_panicked(index, payload, is_failure);
+                }
+            }
+        }
+        self.count_waiting();
+    }
+
+    /// The key function panicked on item `index`: its result is that panic.
+    fn key_panicked(
+        &mut self,
+        index: usize,
+        payload: Box<dyn std::any::Any + Send>,
+        is_failure: IsFailure<U>,
+    ) {
+        let running = Running {
+            progress: None,
+            deadline: None,
+        };
+        if self.calls.start_waiting(index, 1, running).is_err() {
+            return drop_contained(payload);
+        }
+        let results = Batch::One(Err(Error::panic(index, payload)));
+        let failure = self.count_failures(index, &results, is_failure);
+        drop_contained(self.calls.complete(index, index, results));
+        if let Some(index) = failure {
+            self.failed(index);
+        }
+    }
+
+    /// `.key_order`: gives the waiting items whose keys are free to calls,
+    /// the lowest index first, while a call can start; forgets those a
+    /// failure made unwanted.
+    fn start_waiting<T, St, R>(
+        &mut self,
+        mut input: Pin<&mut Option<Input<St>>>,
+        runner: &mut R,
+        is_failure: IsFailure<U>,
+    ) where
+        St: Stream<Item = T>,
+        R: Spawn<T, Output = U>,
+    {
+        if self.keys.is_none() {
+            return;
+        }
+        let cutoff = self
+            .shared
+            .as_ref()
+            .map_or(usize::MAX, |shared| shared.cutoff());
+        let below = match self.phase {
+            Phase::Failed { at } => cutoff.min(at),
+            _ => cutoff,
+        };
+        let Some(mut keyed) = input.as_mut().as_pin_mut().and_then(Input::keyed) else {
+            return;
+        };
+        if self
+            .keys
+            .as_mut()
+            .is_some_and(|keys| keys.forget_from(below))
+        {
+            keyed.forget_from(below);
+        }
+        while self.can_give(R::BATCHES) {
+            let most = match self.options.batch {
+                Some(k) => k,
+                None => {
+                    let share = self.window() / self.options.limit.saturating_mul(2);
+                    self.sizer
+                        .next_size()
+                        .min(share)
+                        .div_ceil(self.pieces())
+                        .max(1)
+                }
+            };
+            let Some(keys) = self.keys.as_mut() else {
+                return;
+            };
+            let Some((first, len)) = keys.next_run(most, below) else {
+                break;
+            };
+            keys.give(first, len);
+            let items = keyed.take(first, len);
+            let running = self.start(runner, first, items, is_failure);
+            if let Err(running) = self.calls.start_waiting(first, len, running) {
+                // The keys give only items the buffer holds as waiting.
+                debug_assert!(false, "items {first}+{len} did not wait");
+                drop_contained(running);
+            }
+            keyed = match input.as_mut().as_pin_mut().and_then(Input::keyed) {
+                Some(keyed) => keyed,
+                None => return,
+            };
+        }
+        self.count_waiting();
+    }
+
+    fn count_waiting(&self) {
+        if let Some(keys) = &self.keys {
+            self.counters.waiting(keys.waiting());
+        }
+    }
+
+    /// Whether a call can start on items pulled already (`.key_order`):
+    /// also after the input ended, and after a failure for the items still
+    /// owed.
+    fn can_give(&self, batches: bool) -> bool {
+        let running = matches!(
+            self.phase,
+            Phase::Pulling | Phase::InputDone | Phase::Failed { .. }
+        );
+        running && self.in_flight < self.most_in_flight(batches) && self.budget_allows()
+    }
+
+    fn most_in_flight(&self, batches: bool) -> usize {
         // Blocking calls: one queued behind each running one, so a worker
         // never waits for the consumer to hand it the next call.
-        let most_in_flight = if batches {
+        if batches {
             self.options.limit.saturating_mul(2)
         } else {
             self.options.limit
-        };
-        // A call takes its permit of the budget where it runs; while none is
-        // free, one call waiting for it is enough (its report wakes the
-        // map), so a starved map holds one input item at most.
-        let budget_allows = self.in_flight == 0
+        }
+    }
+
+    /// A call takes its permit of the budget where it runs; while none is
+    /// free, one call waiting for it is enough (its report wakes the map),
+    /// so a starved map holds one input item at most.
+    fn budget_allows(&self) -> bool {
+        self.in_flight == 0
             || self
                 .options
                 .budget
                 .as_ref()
-                .is_none_or(|budget| budget.available_permits() > 0);
+                .is_none_or(|budget| budget.available_permits() > 0)
+    }
+
+    pub(super) fn can_start(&self, batches: bool) -> bool {
         // A call that failed cut the map off at once; until its report is
         // taken in, pull nothing the failure makes unwanted.
         let wanted = self
@@ -90,20 +245,20 @@ impl<U> Engine<U> {
             .is_none_or(|shared| !shared.is_cut_off(self.pulled));
         self.phase == Phase::Pulling
             && wanted
-            && self.in_flight < most_in_flight
+            && self.in_flight < self.most_in_flight(batches)
             && self.pulled - self.yielded < self.window()
-            && budget_allows
+            && self.budget_allows()
     }
 
     /// Pulls the items of the next call: at least one, at most `most`, only
     /// what the input has ready.
     pub(super) fn pull<T, St: Stream<Item = T>>(
         &mut self,
-        mut input: Pin<&mut Option<St>>,
+        mut input: Pin<&mut Option<Input<St>>>,
         cx: &mut Context<'_>,
         most: usize,
     ) -> Option<Batch<T>> {
-        let mut next = || match input.as_mut().as_pin_mut()?.poll_next(cx) {
+        let mut next = || match input.as_mut().as_pin_mut()?.poll_item(cx) {
             Poll::Ready(Some(item)) => Some(item),
             Poll::Ready(None) => {
                 self.phase = Phase::InputDone;
