@@ -332,6 +332,47 @@ async fn timeout_that_never_fires_still_harvests_results_before_a_hung_last_item
     assert!(results.next().await.is_none());
 }
 
+/// In input order with adaptive sizes, the window's last free slots are
+/// never filled while an item hangs: a worker idles with room in the
+/// window (DESIGN.md semantics 3: a slow head item does not idle the other
+/// workers while the window has room). Found by the property model
+/// (`a_hung_item_never_holds_back_the_rest_of_its_call`: 944 items, limit
+/// 4, `.window(16)`, item 426 hung: 441 never pulled, with 15 of 16 slots
+/// in use); minimised to nine items. Observed: `pulled` 8 (items 0..8),
+/// `yielded` 1, `in_flight` 1 of 2, item 8 never pulled; with `.batch(1)`
+/// it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: adaptive sizes leave the window's last slot unfilled while an item hangs"]
+async fn adaptive_sizes_fill_the_window_while_an_item_hangs() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), 1);
+    let mapped = Arc::new(AtomicU64::new(0));
+    let (count, hang) = (mapped.clone(), hangs_at(&gates, 1));
+    let results = stream::iter(0..9_u64)
+        .par_imap(2, move |n| {
+            let n = hang(n);
+            count.fetch_add(1, Ordering::SeqCst);
+            n
+        })
+        .window(8);
+    let stats = results.stats();
+    let consumer = tokio::spawn(results.try_collect::<Vec<u64>>());
+    // Item 0 is yielded; items 1..9 fill the window of 8, item 1 hangs.
+    let filled = within_bound(|| mapped.load(Ordering::SeqCst) == 8).await;
+    assert!(
+        filled,
+        "only {} of items 0, 2..9 were mapped while item 1 hung: {stats:?}",
+        mapped.load(Ordering::SeqCst)
+    );
+    gates.open(1);
+    let all = tokio::time::timeout(BOUND, consumer)
+        .await
+        .expect("the map never ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(all, (0..9).collect::<Vec<_>>());
+}
+
 /// Row 3, in input order: with a `.timeout` that never fires, the items
 /// after a hung one (more than a call's most, fewer than the window holds)
 /// are all mapped while it hangs; afterwards every result comes, in order.
