@@ -126,11 +126,20 @@ impl Case {
     }
 }
 
+/// A drawn bomb: anywhere, or a few items after `anchor` (where the map
+/// stops: those are the items it pulled and may drop unmapped); whether it
+/// goes off in its mapper call.
+type DrawnBomb = (prop::sample::Index, Option<usize>, bool);
+
 /// Up to three distinct input items whose `Drop` panics.
-fn bombs(len: usize, drawn: Vec<(prop::sample::Index, bool)>) -> Vec<BombAt> {
+fn bombs(len: usize, anchor: Option<usize>, drawn: Vec<DrawnBomb>) -> Vec<BombAt> {
     let mut bombs: Vec<BombAt> = Vec::new();
-    for (index, in_mapper) in drawn {
-        if let Some(index) = variants::pick(index, len)
+    for (index, after, in_mapper) in drawn {
+        let index = match (anchor, after) {
+            (Some(anchor), Some(after)) => Some(anchor + 1 + after).filter(|&index| index < len),
+            _ => variants::pick(index, len),
+        };
+        if let Some(index) = index
             && bombs.iter().all(|bomb| bomb.index != index)
         {
             bombs.push(BombAt { index, in_mapper });
@@ -181,8 +190,15 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
         proptest::option::weighted(0.2, any::<prop::sample::Index>()),
         (
             proptest::option::weighted(
-                0.25,
-                proptest::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 1..=3),
+                0.4,
+                proptest::collection::vec(
+                    (
+                        any::<prop::sample::Index>(),
+                        proptest::option::weighted(0.8, 0..8_usize),
+                        any::<bool>(),
+                    ),
+                    1..=3,
+                ),
             ),
             proptest::bool::weighted(0.3),
         ),
@@ -203,6 +219,20 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
             )| {
                 let pick = |index| variants::pick(index, len);
                 let cancel_after = cancel_after.and_then(pick);
+                let drop_after = drop_after.and_then(pick);
+                let failure = variants::failure(failure, len, fallible);
+                // DESIGN.md: the deadline is per item, also inside a batch.
+                let timeout_at = timeout_at.and_then(pick);
+                // Where the map stops first, if it does.
+                let anchor = [
+                    failure.map(|(index, _)| index),
+                    timeout_at,
+                    cancel_after,
+                    drop_after,
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 Case {
                     map: Map {
                         len,
@@ -212,18 +242,17 @@ fn case(blocking: bool) -> impl Strategy<Value = Case> {
                         ordered,
                         blocking,
                         fallible,
-                        failure: variants::failure(failure, len, fallible),
+                        failure,
                         keep_going,
-                        bombs: bombs(len, drawn_bombs.unwrap_or_default()),
+                        bombs: bombs(len, anchor, drawn_bombs.unwrap_or_default()),
                     },
                     pattern,
-                    drop_after: drop_after.and_then(pick),
+                    drop_after,
                     cancel_after,
                     pause: pause
                         .filter(|_| cancel_after.is_some())
                         .map(|(before, after)| Pause { before, after }),
-                    // DESIGN.md: the deadline is per item, also inside a batch.
-                    timeout_at: timeout_at.and_then(pick),
+                    timeout_at,
                     stats,
                 }
             },

@@ -116,7 +116,12 @@ impl Drop for Bomb {
     fn drop(&mut self) {
         // Never while unwinding already: that would abort the test binary.
         if self.armed && !std::thread::panicking() {
-            panic!("bomb {} went off in Drop", self.index);
+            let place = if self.in_mapper {
+                "in its mapper call, or unmapped"
+            } else {
+                "dropped unmapped"
+            };
+            panic!("bomb {} went off in Drop ({place})", self.index);
         }
     }
 }
