@@ -2,7 +2,8 @@
 //! two or three maps share one `Semaphore` budget of 1–3 permits, and a
 //! consumer interleaves them (`zip`, `select`, alternating `next()`, or
 //! taking a permit of the budget itself between items). Each map draws its
-//! own order, variant, limit, window, batch, failure and pattern; the case
+//! own order, variant, limit, window, batch (blocking: adaptive sizes or
+//! `.batch(k)`), `.keep_going()`, failure and pattern; the case
 //! draws one deadline for all (none, a per-item timeout with one slow
 //! outlier, `Duration::MAX`, `from_secs(u64::MAX)`, `ZERO`), an early drop,
 //! and a token cancelling one map at a random point. A second property
@@ -13,7 +14,7 @@
 //! and not yet yielded, from an instrumented input); the limit per map and
 //! the budget across maps (counters of running calls); fail-fast (values
 //! `0..k` then `k`'s failure, nothing started once the consumer saw the
-//! end); a cancellation names the lowest index never yielded; values
+//! end; with keep_going, every item once, failures at their place); a cancellation names the lowest index never yielded; values
 //! dropped exactly once; no hang (every wait bounded); the budget whole
 //! again once the maps have ended, before they are dropped.
 //!
@@ -132,8 +133,8 @@ fn map_case(real: bool, deadline: Deadline) -> impl Strategy<Value = MapCase> {
         0..max_len,
         1..=3_usize,
         prop_oneof![Just(None), (0..=2_usize).prop_map(Some)],
-        1..=4_usize,
-        any::<bool>(),
+        prop_oneof![1 => Just(None), 3 => (1..=4_usize).prop_map(Some)],
+        (any::<bool>(), proptest::bool::weighted(0.3)),
         if real {
             any::<bool>().boxed()
         } else {
@@ -151,7 +152,7 @@ fn map_case(real: bool, deadline: Deadline) -> impl Strategy<Value = MapCase> {
                 limit,
                 extra,
                 batch,
-                ordered,
+                (ordered, keep_going),
                 blocking,
                 fallible,
                 (slow_head, skewed),
@@ -163,11 +164,13 @@ fn map_case(real: bool, deadline: Deadline) -> impl Strategy<Value = MapCase> {
                         len,
                         limit,
                         window: extra.map(|extra| limit + extra * limit),
-                        batch: if blocking { batch } else { 1 },
+                        batch: if blocking { batch } else { Some(1) },
                         ordered,
                         blocking,
                         fallible,
                         failure: variants::failure(failure, len, fallible),
+                        keep_going,
+                        bombs: Vec::new(),
                     },
                     slow_head,
                     skewed,
@@ -252,6 +255,8 @@ fn build(
         timeout: case.deadline.duration(case.real),
         token,
         real: case.real,
+        hang: None,
+        stats: false,
     };
     let results = variants::build(
         &drawn.map,
@@ -259,17 +264,25 @@ fn build(
         &probe.map,
         &with,
     );
-    logged(results, probe.clone())
+    logged(results, probe.clone(), drawn.map.keep_going)
 }
 
 /// Records what a map yields, and its end, as the consumer takes them.
-fn logged(mut results: BoxStream<'static, Seen>, probe: Probe) -> BoxStream<'static, Seen> {
+fn logged(
+    mut results: BoxStream<'static, Seen>,
+    probe: Probe,
+    keep_going: bool,
+) -> BoxStream<'static, Seen> {
     stream::poll_fn(move |cx| {
         let next = results.poll_next_unpin(cx);
         match &next {
             std::task::Poll::Ready(Some(seen)) => {
                 probe.map.yielded.fetch_add(1, Ordering::SeqCst);
-                if matches!(seen, Seen::Failed { .. }) {
+                // An error ends the map, but with keep_going only a
+                // cancellation does.
+                if let Seen::Failed { kind, .. } = seen
+                    && (!keep_going || *kind == "cancelled")
+                {
                     probe.map.over.store(true, Ordering::SeqCst);
                 }
                 probe.log.lock().unwrap().push(seen.clone());
@@ -389,15 +402,23 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
         .iter()
         .filter(|seen| matches!(seen, Seen::Failed { .. }))
         .collect();
-    prop_assert!(errors.len() <= 1, "map {m}: more than one error: {out:?}");
-    if let Some(error) = errors.first() {
-        prop_assert_eq!(Some(*error), out.last(), "map {}: an error ends it", m);
+    let is_cancel = |seen: &Seen| matches!(seen, Seen::Failed { kind, .. } if *kind == "cancelled");
+    if !map.keep_going {
+        prop_assert!(errors.len() <= 1, "map {m}: more than one error: {out:?}");
     }
-    // The lowest index never yielded, when the error came.
+    if let Some(error) = errors
+        .iter()
+        .find(|seen| !map.keep_going || is_cancel(seen))
+    {
+        prop_assert_eq!(Some(*error), out.last(), "map {}: this error ends it", m);
+    }
+    // The lowest index never yielded (a value, or with keep_going a
+    // failure at its place), when the error came.
     let yielded: HashSet<usize> = out
         .iter()
         .filter_map(|seen| match seen {
             Seen::Value(value) => Some(value / 2),
+            Seen::Failed { index, .. } if !is_cancel(seen) => Some(*index),
             Seen::Failed { .. } => None,
         })
         .collect();
@@ -440,6 +461,9 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
         }
         if ran_to_end {
             match (drawn.failing_index(), case.deadline) {
+                _ if map.keep_going => {
+                    prop_assert_eq!(out.len(), map.len, "map {}: every item once: {:?}", m, out)
+                }
                 (_, Deadline::Zero) => {
                     if errors.is_empty() {
                         prop_assert_eq!(out.len(), map.len, "map {}: every item", m);
@@ -458,7 +482,7 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
     } else {
         prop_assert_eq!(
             yielded.len(),
-            out.len() - errors.len(),
+            out.iter().filter(|seen| !is_cancel(seen)).count(),
             "map {}: a duplicate: {:?}",
             m,
             out
@@ -468,7 +492,9 @@ fn check_map(case: &Case, m: usize, probe: &Probe) -> Result<(), TestCaseError> 
             "map {m}: foreign item"
         );
         if ran_to_end {
-            if drawn.failing_index().is_some() {
+            if map.keep_going {
+                prop_assert_eq!(yielded.len(), map.len, "map {}: every item once", m);
+            } else if drawn.failing_index().is_some() {
                 prop_assert_eq!(errors.len(), 1, "map {}: the failure comes out", m);
             } else if case.deadline != Deadline::Zero || errors.is_empty() {
                 prop_assert_eq!(yielded.len(), map.len, "map {}: every item", m);
@@ -529,9 +555,9 @@ fn probes(case: &Case) -> Probes {
 }
 
 fn cases() -> u32 {
-    std::env::var("PAR_IMAP_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
+    ["PAR_IMAP_CASES", "PROPTEST_CASES"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.parse().ok())
         .unwrap_or(256)
 }
 

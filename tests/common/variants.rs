@@ -7,8 +7,8 @@
 //! it needs proptest, which not every includer of `common` has.
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
@@ -18,7 +18,7 @@ use proptest::sample::Index;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{Calls, Running, Tracked, Tracker};
+use crate::common::{Calls, Gates, Running, Tracked, Tracker};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailKind {
@@ -33,17 +33,96 @@ pub struct Map {
     pub len: usize,
     pub limit: usize,
     pub window: Option<usize>,
-    pub batch: usize,
+    /// `.batch(k)` (blocking only); `None`: adaptive sizes (the default).
+    pub batch: Option<usize>,
     pub ordered: bool,
     pub blocking: bool,
     pub fallible: bool,
     pub failure: Option<(usize, FailKind)>,
+    /// `.keep_going()`: every failure is yielded at its place, the map
+    /// goes on.
+    pub keep_going: bool,
+    /// Input items whose `Drop` panics (see [`Bomb`]).
+    pub bombs: Vec<BombAt>,
 }
 
 impl Map {
-    /// The window in effect: the one drawn, or the default.
+    /// The window in effect: the one drawn, or the default (adaptive
+    /// blocking calls count as 1024 items).
     pub fn window(&self) -> usize {
-        self.window.unwrap_or(2 * self.limit * self.batch)
+        let per_call = if self.blocking {
+            self.batch.unwrap_or(1024)
+        } else {
+            1
+        };
+        self.window.unwrap_or(2 * self.limit * per_call)
+    }
+
+    /// Whether item `index`'s bomb goes off inside its mapper call, where
+    /// it is that item's panic error.
+    pub fn bomb_in_mapper(&self, index: usize) -> bool {
+        self.bombs
+            .iter()
+            .any(|bomb| bomb.index == index && bomb.in_mapper)
+    }
+
+    /// The lowest index that fails on its own, of a drawn failure and the
+    /// bombs that go off in their mapper.
+    pub fn first_failure(&self) -> Option<usize> {
+        let failure = self.failure.map(|(index, _)| index);
+        let bomb = self
+            .bombs
+            .iter()
+            .filter(|bomb| bomb.in_mapper)
+            .map(|bomb| bomb.index)
+            .min();
+        match (failure, bomb) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// An input item whose `Drop` panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BombAt {
+    pub index: usize,
+    /// The mapper lets it go off (it drops the item armed, at the end of its
+    /// call: that item's panic error); otherwise the mapper defuses it, and
+    /// it goes off only if the map drops the item unmapped (nobody wants
+    /// it: ignored).
+    pub in_mapper: bool,
+}
+
+/// The part of an input item that panics in `Drop` while armed.
+#[derive(Debug)]
+pub struct Bomb {
+    index: usize,
+    armed: bool,
+    in_mapper: bool,
+}
+
+impl Bomb {
+    /// What the mapper does with it at the end of its call: defuse it, or
+    /// drop it armed.
+    fn settle(mut self) {
+        if !self.in_mapper {
+            self.armed = false;
+        }
+    }
+}
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        // Never while unwinding already: that would abort the test binary.
+        if self.armed && !std::thread::panicking() {
+            let place = if self.in_mapper {
+                "in its mapper call, or unmapped"
+            } else {
+                "dropped unmapped"
+            };
+            panic!("bomb {} went off in Drop ({place})", self.index);
+        }
     }
 }
 
@@ -132,6 +211,23 @@ pub struct Probe {
     pub over: Arc<AtomicBool>,
     /// Calls that started once `over` was set.
     pub started_after_over: Arc<AtomicUsize>,
+    /// Set by the test once it has cancelled the map's token.
+    pub cancelled: Arc<AtomicBool>,
+    /// Items whose mapper call began once `cancelled` was set.
+    pub started_after_cancel: Arc<AtomicUsize>,
+    /// Of those, blocking ones for which `par_imap::is_cancelled()` was
+    /// false: the token's cancel did not reach them.
+    pub unaware_after_cancel: Arc<AtomicUsize>,
+    /// Items whose mapper call ended, in the order they ended.
+    pub finished: Arc<Mutex<Vec<usize>>>,
+    /// The map's `.stats()` handle, when it was built with one.
+    pub stats: Arc<Mutex<Option<par_imap::Stats>>>,
+}
+
+impl Probe {
+    pub fn stats(&self) -> Option<par_imap::Stats> {
+        self.stats.lock().unwrap().clone()
+    }
 }
 
 /// What a map is built with beyond what was drawn for it.
@@ -145,6 +241,11 @@ pub struct With<'a> {
     /// An async call takes its units in µs (a real runtime), not ms
     /// (paused time). A blocking call always takes µs.
     pub real: bool,
+    /// A blocking item that waits on its gate (of these gates) before it
+    /// takes its time: hung until the test opens it.
+    pub hang: Option<(usize, &'a Gates)>,
+    /// Build with `.stats()` (kept in the probe).
+    pub stats: bool,
 }
 
 /// Builds `map` over tracked inputs `0..len`, normalised to one item type.
@@ -161,10 +262,21 @@ pub fn build(
         probe.yielded.clone(),
         probe.lookahead.clone(),
     );
+    let bombs = map.bombs.clone();
     let input = stream::iter(0..map.len).map(move |index| {
         let now = pulled.fetch_add(1, Ordering::SeqCst) + 1;
         lookahead.fetch_max(now - yielded.load(Ordering::SeqCst), Ordering::SeqCst);
-        tracker.track(index)
+        let bomb = bombs.iter().find(|bomb| bomb.index == index);
+        // Dropped in this order when unmapped: the value first, so that the
+        // tracker counts it however the bomb's panic is handled.
+        (
+            tracker.track(index),
+            Bomb {
+                index,
+                armed: bomb.is_some(),
+                in_mapper: bomb.is_some_and(|bomb| bomb.in_mapper),
+            },
+        )
     });
 
     // The mapper's body, shared by every variant: records the call, takes its
@@ -176,29 +288,51 @@ pub fn build(
         probe.over.clone(),
         probe.started_after_over.clone(),
     );
+    let (cancelled, after_cancel, unaware, finished) = (
+        probe.cancelled.clone(),
+        probe.started_after_cancel.clone(),
+        probe.unaware_after_cancel.clone(),
+        probe.finished.clone(),
+    );
     let failure = map.failure;
+    let blocking = map.blocking;
     let enter = move |item: &Tracked| -> (Running, Option<Running>) {
         if over.load(Ordering::SeqCst) {
             late.fetch_add(1, Ordering::SeqCst);
+        }
+        if cancelled.load(Ordering::SeqCst) {
+            after_cancel.fetch_add(1, Ordering::SeqCst);
+            if blocking && !par_imap::is_cancelled() {
+                unaware.fetch_add(1, Ordering::SeqCst);
+            }
         }
         (
             calls.enter(item.value),
             all.as_ref().map(|all| all.enter(item.value)),
         )
     };
-    let finish = move |item: Tracked| -> Result<Tracked, TestError> {
-        match failure {
-            Some((index, FailKind::Panic)) if index == item.value => panic!("item {index} panics"),
-            Some((index, FailKind::Err)) if index == item.value => Err(TestError::Mine(index)),
-            _ => Ok(outputs.track(item.value * 2 + 1)),
-        }
+    // Takes the whole input item: its bomb goes off or is defused last,
+    // once the result is made.
+    let finish = move |(item, bomb): (Tracked, Bomb)| -> Result<Tracked, TestError> {
+        let index = item.value;
+        let result = match failure {
+            Some((at, FailKind::Panic)) if at == index => panic!("item {at} panics"),
+            Some((at, FailKind::Err)) if at == index => Err(TestError::Mine(at)),
+            _ => Ok(outputs.track(index * 2 + 1)),
+        };
+        finished.lock().unwrap().push(index);
+        bomb.settle();
+        result
     };
-    let (budget, timeout, token, real) = (
+    let (budget, timeout, token, real, keep_going) = (
         with.budget.map(|(budget, _)| budget.clone()),
         with.timeout,
         with.token.clone(),
         with.real,
+        map.keep_going,
     );
+    let hang = with.hang.map(|(index, gates)| (index, gates.clone()));
+    let stats = with.stats.then(|| probe.stats.clone());
 
     macro_rules! configure {
         ($stream:expr) => {{
@@ -212,29 +346,48 @@ pub fn build(
             if let Some(timeout) = timeout {
                 stream = stream.timeout(timeout);
             }
-            stream.cancel_token(token)
+            if keep_going {
+                stream = stream.keep_going();
+            }
+            let stream = stream.cancel_token(token);
+            if let Some(stats) = &stats {
+                *stats.lock().unwrap() = Some(stream.stats());
+            }
+            stream
         }};
     }
     macro_rules! batched {
-        ($stream:expr) => {
-            configure!($stream.batch(map.batch))
-        };
+        ($stream:expr) => {{
+            let stream = $stream;
+            match map.batch {
+                Some(k) => configure!(stream.batch(k)),
+                None => configure!(stream),
+            }
+        }};
     }
 
     if map.blocking {
-        let mapper = move |item: Tracked| {
-            let _running = enter(&item);
+        let mapper = move |input: (Tracked, Bomb)| {
+            let item = &input.0;
+            let _running = enter(item);
+            if let Some((at, gates)) = &hang
+                && *at == item.value
+            {
+                gates.wait(*at);
+            }
             let spin = Duration::from_micros(units(item.value));
             let start = std::time::Instant::now();
             // Busy for its time, or until nobody wants it (a timeout).
             while start.elapsed() < spin && !par_imap::is_cancelled() {
                 std::thread::sleep(Duration::from_micros(20).min(spin));
             }
-            finish(item)
+            finish(input)
         };
         let plain = {
             let mapper = mapper.clone();
-            move |item: Tracked| mapper(item).map_err(|_| unreachable!("plain variants only panic"))
+            move |input: (Tracked, Bomb)| {
+                mapper(input).map_err(|_| unreachable!("plain variants only panic"))
+            }
         };
         match (map.ordered, map.fallible) {
             (true, true) => batched!(input.try_par_imap(map.limit, mapper))
@@ -251,9 +404,9 @@ pub fn build(
                 .boxed(),
         }
     } else {
-        let mapper = move |item: Tracked| {
-            let running = enter(&item);
-            let units = units(item.value);
+        let mapper = move |input: (Tracked, Bomb)| {
+            let running = enter(&input.0);
+            let units = units(input.0.value);
             let wait = if real {
                 Duration::from_micros(units)
             } else {
@@ -263,13 +416,13 @@ pub fn build(
             async move {
                 let _running = running;
                 tokio::time::sleep(wait).await;
-                finish(item)
+                finish(input)
             }
         };
         let plain = {
             let mapper = mapper.clone();
-            move |item: Tracked| {
-                let call = mapper(item);
+            move |input: (Tracked, Bomb)| {
+                let call = mapper(input);
                 async move { call.await.map_err(|_| ()) }
             }
         };
