@@ -122,27 +122,23 @@ impl<U, R> Reorder<U, R> {
 
     /// A call over the next `len` items started; returns its first index.
     pub(crate) fn push(&mut self, len: usize, running: R) -> usize {
-        let first = self.next_in;
-        self.next_in += len;
-        self.slots.push_back(Slot {
-            call: first,
-            first,
-            end: self.next_in,
-            state: State::Running(running),
-        });
-        first
+        self.push_slot(len, State::Running(running))
     }
 
     /// The next `len` items were pulled and wait to be given to calls;
     /// returns the first one's index.
     pub(crate) fn push_waiting(&mut self, len: usize) -> usize {
+        self.push_slot(len, State::Waiting)
+    }
+
+    fn push_slot(&mut self, len: usize, state: State<U, R>) -> usize {
         let first = self.next_in;
         self.next_in += len;
         self.slots.push_back(Slot {
             call: first,
             first,
             end: self.next_in,
-            state: State::Waiting,
+            state,
         });
         first
     }

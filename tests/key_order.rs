@@ -535,6 +535,25 @@ async fn run(case: &Case, watch: &KeyWatch, tracker: &Tracker) -> (Vec<usize>, b
     (values, failed)
 }
 
+/// Runs `case` on a runtime of its own, bounded by `bound`; checks the key
+/// rule and that every value was dropped.
+fn run_checked(case: &Case, bound: Duration) -> (Vec<usize>, bool) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let (watch, tracker) = (KeyWatch::default(), Tracker::default());
+    let outcome = runtime.block_on(async {
+        tokio::time::timeout(bound, run(case, &watch, &tracker))
+            .await
+            .expect("the case hung")
+    });
+    watch.check();
+    tracker.wait_all_dropped();
+    outcome
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig {
         cases: std::env::var("PAR_IMAP_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(128),
@@ -548,18 +567,7 @@ proptest::proptest! {
     /// every value is dropped exactly once.
     #[test]
     fn key_order_rule_holds_for_every_kind(case in case()) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_time()
-            .build()
-            .unwrap();
-        let (watch, tracker) = (KeyWatch::default(), Tracker::default());
-        let (values, failed) = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(60), run(&case, &watch, &tracker))
-                .await
-                .expect("the case hung")
-        });
-        watch.check();
+        let (values, failed) = run_checked(&case, Duration::from_secs(60));
         let len = case.keys.len();
         if case.ordered {
             proptest::prop_assert!(values.windows(2).all(|pair| pair[0] < pair[1]), "{values:?}");
@@ -577,9 +585,6 @@ proptest::proptest! {
             proptest::prop_assert_eq!(sorted, expected);
             proptest::prop_assert_eq!(failed, case.failure.is_some());
         }
-        drop(values);
-        tracker.wait_all_dropped();
-        drop(runtime);
     }
 }
 
@@ -606,18 +611,7 @@ fn key_order_unordered_adaptive_keep_going_case_ends() {
         stop: None,
     };
     for _ in 0..20 {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_time()
-            .build()
-            .unwrap();
-        let (watch, tracker) = (KeyWatch::default(), Tracker::default());
-        let (values, _) = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(20), run(&case, &watch, &tracker))
-                .await
-                .expect("the case hung")
-        });
-        watch.check();
+        let (values, _) = run_checked(&case, Duration::from_secs(20));
         assert_eq!(values.len(), case.keys.len());
     }
 }

@@ -14,7 +14,7 @@ use super::{Engine, Phase, Running};
 use crate::batch::Batch;
 use crate::call::Call;
 use crate::deadline::Progress;
-use crate::error::{Error, drop_contained};
+use crate::error::{Error, drop_contained, drop_each};
 use crate::keys::Input;
 use crate::sizer;
 use crate::spawn::{IsFailure, Spawn};
@@ -38,7 +38,7 @@ impl<U> Engine<U> {
             // While calls run, wait for the consumer to make room for a
             // fair share of the window rather than start a call on a few
             // items: its dispatch would cost more than their work.
-            let share = self.window() / self.options.limit.saturating_mul(2);
+            let share = self.share();
             if self.in_flight > 0 && room < most.min(share).max(1) {
                 break;
             }
@@ -68,6 +68,11 @@ impl<U> Engine<U> {
         }
     }
 
+    /// A fair share of the window for one call.
+    fn share(&self) -> usize {
+        self.window() / self.options.limit.saturating_mul(2)
+    }
+
     /// Adaptive sizes: while workers are idle, what came is shared among
     /// them rather than queued behind one, so a slow item never holds back
     /// the ones after it while a worker is free.
@@ -88,9 +93,11 @@ impl<U> Engine<U> {
         is_failure: IsFailure<U>,
     ) {
         self.calls.push_waiting(items.len());
+        let Some(keyed) = input.as_mut().as_pin_mut().and_then(Input::keyed) else {
+            return drop_each(items);
+        };
         for (index, item) in (first..).zip(items) {
-            let keyed = input.as_mut().as_pin_mut().and_then(Input::keyed);
-            let (Some(keyed), Some(keys)) = (keyed, self.keys.as_mut()) else {
+            let Some(keys) = self.keys.as_mut() else {
                 drop_contained(item);
                 continue;
             };
@@ -153,7 +160,7 @@ impl<U> Engine<U> {
             Phase::Failed { at } => cutoff.min(at),
             _ => cutoff,
         };
-        let Some(mut keyed) = input.as_mut().as_pin_mut().and_then(Input::keyed) else {
+        let Some(keyed) = input.as_mut().as_pin_mut().and_then(Input::keyed) else {
             return;
         };
         if self
@@ -166,14 +173,12 @@ impl<U> Engine<U> {
         while self.can_give(R::BATCHES) {
             let most = match self.options.batch {
                 Some(k) => k,
-                None => {
-                    let share = self.window() / self.options.limit.saturating_mul(2);
-                    self.sizer
-                        .next_size()
-                        .min(share)
-                        .div_ceil(self.pieces())
-                        .max(1)
-                }
+                None => self
+                    .sizer
+                    .next_size()
+                    .min(self.share())
+                    .div_ceil(self.pieces())
+                    .max(1),
             };
             let Some(keys) = self.keys.as_mut() else {
                 return;
@@ -189,10 +194,6 @@ impl<U> Engine<U> {
                 debug_assert!(false, "items {first}+{len} did not wait");
                 drop_contained(running);
             }
-            keyed = match input.as_mut().as_pin_mut().and_then(Input::keyed) {
-                Some(keyed) => keyed,
-                None => return,
-            };
         }
         self.count_waiting();
     }
