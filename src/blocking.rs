@@ -198,6 +198,17 @@ struct Open<T, U> {
     shared: Arc<Shared>,
     is_failure: IsFailure<U>,
     steal_after: std::time::Duration,
+    /// With deadlines, where the owner keeps its results.
+    progress: Option<Arc<Progress<U>>>,
+}
+
+impl<T, U> Open<T, U> {
+    /// Whether the owner's deadlines' progress holds results not taken.
+    fn has_untaken(&self) -> bool {
+        self.progress
+            .as_ref()
+            .is_some_and(|progress| progress.has_untaken())
+    }
 }
 
 impl<T, F: Mapper<T>> Crew<T, F> {
@@ -266,16 +277,19 @@ where
         let mut open: Vec<_> = crew
             .open()
             .iter()
-            .map(|open| (open.loot.left(), Arc::clone(open)))
-            .filter(|((left, waiting), open)| {
+            .map(|open| {
+                let (left, waiting) = open.loot.left();
+                (left, waiting || open.has_untaken(), Arc::clone(open))
+            })
+            .filter(|(left, waiting, open)| {
                 (*left > 0 || *waiting) && !open.shared.is_cut_off(open.loot.next_index())
             })
             .collect();
         // Most left first: the steal that moves the most work; then the
         // lowest call, whose results input order waits for first.
-        open.sort_by_key(|((left, _), open)| (std::cmp::Reverse(*left), open.call));
+        open.sort_by_key(|(left, _, open)| (std::cmp::Reverse(*left), open.call));
         let mut soonest: Option<Instant> = None;
-        for ((left, _), open) in open {
+        for (left, _, open) in open {
             if open.loot.steal_at() > now {
                 soonest =
                     Some(soonest.map_or(open.loot.steal_at(), |at| at.min(open.loot.steal_at())));
@@ -288,7 +302,7 @@ where
                 _ => None,
             };
             let may_take = left > 0 && (permit.is_some() || open.shared.budget().is_none());
-            let stolen = open.loot.steal(may_take, |taken| {
+            let stolen = open.loot.steal(may_take, open.has_untaken(), |taken| {
                 let at = (taken.items > 0).then_some(taken.at);
                 let progress = at.and_then(|at| {
                     let timeout = open.shared.timeout()?;
@@ -416,6 +430,7 @@ where
             shared: Arc::clone(call.shared()),
             is_failure,
             steal_after: call.steal_after(),
+            progress: call.progress_handle().cloned(),
         }),
     };
     crew.open().push(Arc::clone(&listed.open));

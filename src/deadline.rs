@@ -283,6 +283,11 @@ impl<U> Progress<U> {
         }
     }
 
+    /// Whether results wait for the engine to take them.
+    pub(crate) fn has_untaken(&self) -> bool {
+        !self.lock().results.is_empty()
+    }
+
     /// Everything not taken yet, and the index of its first result.
     pub(crate) fn take(&self) -> (usize, Vec<Result<U, Error>>) {
         let mut state = self.lock();

@@ -135,13 +135,16 @@ impl<T, R> Loot<T, R> {
     /// A thief takes the back half (rounded up) of the items the owner has
     /// not started, if it may `take_items`, and the results the owner has
     /// finished; with no item taken, the results alone (`items` empty), and
-    /// with neither, nothing.
+    /// with neither, nothing, unless `results_elsewhere` (the owner keeps
+    /// its results in its deadlines' progress): then the announcement alone,
+    /// for the engine to take them from there.
     /// `announce` is called with what was taken before the owner can go on,
     /// so that the engine hears of it before the owner's next report; it
     /// returns what the thief keeps beside the items.
     pub(crate) fn steal<A>(
         &self,
         take_items: bool,
+        results_elsewhere: bool,
         announce: impl FnOnce(Taken<R>) -> A,
     ) -> Option<(usize, Vec<T>, A)> {
         let mut state = self.lock();
@@ -150,7 +153,7 @@ impl<T, R> Loot<T, R> {
         } else {
             state.items.len()
         };
-        if keep == state.items.len() && state.results.is_empty() {
+        if keep == state.items.len() && state.results.is_empty() && !results_elsewhere {
             return None;
         }
         let items: Vec<T> = state.items.split_off(keep).into();
@@ -189,7 +192,8 @@ mod tests {
 
     /// Steals once; returns (at, items, done, results).
     fn steal(loot: &Loot<usize, usize>) -> Option<(usize, Vec<usize>, usize, Vec<usize>)> {
-        let (at, items, (done, results)) = loot.steal(true, |taken| (taken.done, taken.results))?;
+        let (at, items, (done, results)) =
+            loot.steal(true, false, |taken| (taken.done, taken.results))?;
         Some((at, items, done, results))
     }
 
@@ -266,7 +270,7 @@ mod tests {
         let items: Vec<_> = (0..6).map(|_| Arc::clone(&counted)).collect();
         let loot: Loot<Arc<()>, ()> = Loot::new(0, items, Instant::now());
         drop(loot.next(None));
-        let (at, taken, ()) = loot.steal(true, |_| ()).unwrap();
+        let (at, taken, ()) = loot.steal(true, false, |_| ()).unwrap();
         assert_eq!((at, taken.len()), (3, 3), "1..6: the back 3");
         loot.finish(None, |_, _| ());
         assert_eq!(Arc::strong_count(&counted), 4, "the thief's 3 and ours");

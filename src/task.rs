@@ -147,32 +147,37 @@ where
             let result = match (deadline, closed) {
                 (None, None) => mapped.await.map_err(|payload| Error::panic(first, payload)),
                 (deadline, closed) => {
-                    let mut mapped = pin!(mapped);
-                    let mut expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
-                    let mut closed = closed.map(|closed| Box::pin(closed.cancelled_owned()));
-                    let stopped = poll_fn(|cx| {
-                        if let Some(closed) = &mut closed {
-                            if closed.as_mut().poll(cx).is_ready() {
-                                return Poll::Ready(None);
+                    // In a block of its own: the future is dropped at its
+                    // end, before the call gives its permit back.
+                    let stopped = {
+                        let mut mapped = pin!(mapped);
+                        let mut expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                        let mut closed = closed.map(|closed| Box::pin(closed.cancelled_owned()));
+                        poll_fn(|cx| {
+                            if let Some(closed) = &mut closed {
+                                if closed.as_mut().poll(cx).is_ready() {
+                                    return Poll::Ready(None);
+                                }
                             }
-                        }
-                        match mapped.as_mut().poll(cx) {
-                            Poll::Ready(result) => Poll::Ready(Some(
-                                result.map_err(|payload| Error::panic(first, payload)),
-                            )),
-                            Poll::Pending => match &mut expired {
-                                Some(expired) => expired
-                                    .as_mut()
-                                    .poll(cx)
-                                    .map(|()| Some(Err(Error::timeout(first)))),
-                                None => Poll::Pending,
-                            },
-                        }
-                    })
-                    .await;
+                            match mapped.as_mut().poll(cx) {
+                                Poll::Ready(result) => Poll::Ready(Some(
+                                    result.map_err(|payload| Error::panic(first, payload)),
+                                )),
+                                Poll::Pending => match &mut expired {
+                                    Some(expired) => expired
+                                        .as_mut()
+                                        .poll(cx)
+                                        .map(|()| Some(Err(Error::timeout(first)))),
+                                    None => Poll::Pending,
+                                },
+                            }
+                        })
+                        .await
+                    };
                     match stopped {
                         Some(result) => result,
-                        // Nobody wants the item: its future is dropped now.
+                        // Nobody wants the item: its future is dropped
+                        // already, before its permit is given back.
                         None => return call.skip(),
                     }
                 }

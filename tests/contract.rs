@@ -893,3 +893,64 @@ async fn ended_map_drops_outputs_of_calls_that_end_late() {
     drop(results);
     assert_eq!(drops.load(Ordering::SeqCst), 1);
 }
+
+/// Records, when dropped, how many permits of the budget were free.
+struct SeesBudget(Arc<Semaphore>, Arc<Mutex<Vec<usize>>>);
+
+impl Drop for SeesBudget {
+    fn drop(&mut self) {
+        self.1.lock().unwrap().push(self.0.available_permits());
+    }
+}
+
+/// An async call whose future is still pending when the token is
+/// cancelled, when it times out, or when the map is dropped: the future is
+/// dropped while the call still holds its permit, never after it gave it
+/// back, so another map on the budget cannot run beside a future that has
+/// not ended (found by the composition property: 2 calls at once on a
+/// budget of 1, after a token ended an async map).
+#[tokio::test(start_paused = true)]
+async fn an_async_call_drops_its_future_before_it_gives_its_permit_back() {
+    for way in ["token", "timeout", "drop"] {
+        let budget = Arc::new(Semaphore::new(1));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let token = CancellationToken::new();
+        let (probe, watched) = (budget.clone(), seen.clone());
+        let mut results = stream::iter(0..1u32)
+            .par_imap_async(1, move |n| {
+                let guard = SeesBudget(probe.clone(), watched.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<u32>().await + n
+                }
+            })
+            .semaphore(budget.clone())
+            .cancel_token(token.clone());
+        if way == "timeout" {
+            results = results.timeout(Duration::from_secs(1));
+        }
+        // Let the call start and take its permit.
+        assert!(
+            futures::poll!(results.next()).is_pending(),
+            "{way}: nothing is ready"
+        );
+        eventually_async("the permit taken", || budget.available_permits() == 0).await;
+        if way == "drop" {
+            drop(results);
+        } else {
+            if way == "token" {
+                // Not polled: the call ends on its own, from the token.
+                token.cancel();
+                eventually_async("the permit back", || budget.available_permits() == 1).await;
+            }
+            let ended = timeout(Duration::from_secs(5), results.next()).await;
+            assert!(ended.unwrap().unwrap().is_err(), "{way}: ends in an error");
+        }
+        eventually_async("the permit back", || budget.available_permits() == 1).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [0],
+            "{way}: the future saw its permit still held as it dropped"
+        );
+    }
+}

@@ -663,20 +663,6 @@ struct HungCase {
     timeout: bool,
 }
 
-/// Whether to draw the hung cases that two known bugs break (see the
-/// ignored tests in tests/running_calls.rs):
-/// `timeout_that_never_fires_still_harvests_results_before_a_hung_last_item`
-/// (unordered with `.timeout`) and
-/// `the_window_fills_while_an_item_hangs` (ordered: calls of more than
-/// one item leave the window's last slots unfilled). Off by default so that
-/// CI stays green: unordered cases draw no `.timeout`, ordered ones no
-/// adaptive sizes, and their check spares the last `k - 1` slots of the
-/// window. `PAR_IMAP_KNOWN_BUGS=1` draws and checks everything. Remove once
-/// both pass.
-fn known_bugs() -> bool {
-    std::env::var_os("PAR_IMAP_KNOWN_BUGS").is_some()
-}
-
 fn hung_case() -> impl Strategy<Value = HungCase> {
     (
         1..3000_usize,
@@ -697,11 +683,7 @@ fn hung_case() -> impl Strategy<Value = HungCase> {
                     len,
                     limit,
                     window: extra.map(|extra| limit + extra * limit),
-                    batch: if ordered && batch.is_none() && !known_bugs() {
-                        Some(16)
-                    } else {
-                        batch
-                    },
+                    batch,
                     ordered,
                     blocking: true,
                     fallible,
@@ -710,7 +692,7 @@ fn hung_case() -> impl Strategy<Value = HungCase> {
                     bombs: Vec::new(),
                 },
                 hung: hung.index(len),
-                timeout: timeout && (ordered || known_bugs()),
+                timeout,
             },
         )
 }
@@ -760,10 +742,7 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
         });
         let while_hung = if map.ordered {
             // Pulled and not yielded: at most the window, the hung one first.
-            let mut owed = (hung + 1..map.len.min(hung + map.window())).count();
-            if !known_bugs() {
-                owed = owed.saturating_sub(map.batch.map_or(0, |k| k - 1));
-            }
+            let owed = (hung + 1..map.len.min(hung + map.window())).count();
             let mapped = || {
                 probe
                     .map

@@ -308,9 +308,8 @@ async fn results_before_a_hung_last_item_are_harvested_while_it_hangs() {
 /// model (tests/properties.rs, `a_hung_item_never_holds_back_the_rest_of_its_call`:
 /// 425 items, limit 2, `.batch(3)`, item 203 hung, `.timeout(600 s)`: 422 of
 /// 424 came); minimised to two items. Observed: item 0 never comes until
-/// item 1 is released.
+/// item 1 is released (fixed: a thief now harvests from the deadlines' progress).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: with .timeout, results made before a hung last item of a call are not harvested while it hangs"]
 async fn timeout_that_never_fires_still_harvests_results_before_a_hung_last_item() {
     let gates = Gates::default();
     let _release = OpenOnDrop(gates.clone(), 1);
@@ -345,7 +344,6 @@ async fn timeout_that_never_fires_still_harvests_results_before_a_hung_last_item
 /// of 2, item 8 never pulled; `.batch(4)`: `pulled` 10, `yielded` 1, item
 /// 10 never pulled. With `.batch(1)` the window fills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: adaptive or .batch(k) calls leave the window's last slots unfilled while an item hangs"]
 async fn the_window_fills_while_an_item_hangs() {
     the_window_fills_while_item_1_hangs(9, 8, None).await;
     the_window_fills_while_item_1_hangs(11, 10, Some(4)).await;

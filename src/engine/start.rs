@@ -35,11 +35,13 @@ impl<U> Engine<U> {
         while self.can_start(R::BATCHES) {
             let most = self.sizer.next_size();
             let room = self.window() - (self.pulled - self.yielded);
-            // While calls run, wait for the consumer to make room for a
-            // fair share of the window rather than start a call on a few
-            // items: its dispatch would cost more than their work.
+            // While every worker has a call, wait for the consumer to make
+            // room for a fair share of the window rather than start a call
+            // on a few items: its dispatch would cost more than their work.
+            // A worker idle takes what room there is: a slow or hung item
+            // holding the window's head must not idle it.
             let share = self.share();
-            if self.in_flight > 0 && room < most.min(share).max(1) {
+            if self.in_flight >= self.options.limit && room < most.min(share).max(1) {
                 break;
             }
             // Adaptive sizes also keep to a fair share of the window, so that

@@ -62,7 +62,7 @@ type Ear = Arc<Mutex<Vec<Heard>>>;
 /// `take_items`, and the results so far), announced to `ear` under the lock
 /// as `Job::steal` does. Returns where its items begin, and the items.
 fn steal<T>(loot: &Loot<T, usize>, ear: &Ear, take_items: bool) -> Option<(usize, Vec<T>)> {
-    loot.steal(take_items, |taken: Taken<usize>| {
+    loot.steal(take_items, false, |taken: Taken<usize>| {
         ear.lock().unwrap().push(Heard::Stolen {
             at: taken.at,
             items: taken.items,
