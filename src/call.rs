@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     budget: Option<Arc<Semaphore>>,
     /// The per-item deadline; an async call keeps its own.
     timeout: Option<Duration>,
+    /// `.adaptive_limit`: every call reads the clock, for its latency.
+    timed: bool,
     counters: Arc<Counters>,
 }
 
@@ -46,6 +48,7 @@ impl Shared {
         token: Option<CancellationToken>,
         budget: Option<Arc<Semaphore>>,
         timeout: Option<Duration>,
+        timed: bool,
         counters: Arc<Counters>,
     ) -> Arc<Self> {
         Arc::new(Shared {
@@ -56,6 +59,7 @@ impl Shared {
             closed: CancellationToken::new(),
             budget,
             timeout,
+            timed,
             counters,
         })
     }
@@ -181,6 +185,10 @@ pub struct Call<U> {
     /// When the mapper started, if the busy time is wanted (by `Stats`, or
     /// by the sizer of blocking calls): async calls read no clock otherwise.
     started_at: Option<std::time::Instant>,
+    /// With `.adaptive_limit`: when the call held its permit and started, on
+    /// the runtime's clock (so that paused time is seen as the runtime sees
+    /// it).
+    latency_from: Option<tokio::time::Instant>,
     /// The busy time counts in `Stats` (`.stats()` was called before the
     /// call started).
     counts_busy: bool,
@@ -205,6 +213,7 @@ impl<U> Call<U> {
             progress,
             started: false,
             started_at: None,
+            latency_from: None,
             counts_busy: false,
             permit: None,
             steal_after,
@@ -276,6 +285,9 @@ impl<U> Call<U> {
         if self.counts_busy || self.report.is_some() {
             self.started_at = Some(std::time::Instant::now());
         }
+        if self.shared.timed {
+            self.latency_from = Some(tokio::time::Instant::now());
+        }
         if let Some(progress) = &self.progress {
             progress.begin(self.first);
             if let Some(report) = &self.report {
@@ -333,6 +345,8 @@ impl<U> Call<U> {
             _ => (first, results),
         };
         let busy = self.count_end(mapped);
+        // What `.adaptive_limit` reads: the latency on the runtime's clock.
+        let busy = self.latency_from.take().map_or(busy, |from| from.elapsed());
         Event::Finished {
             call: self.first,
             first,

@@ -39,6 +39,7 @@ use crate::deadline::Deadlines;
 use crate::deadline::Progress;
 use crate::error::Error;
 use crate::keys::{Input, Keys};
+use crate::limit::Limiter;
 use crate::options::Options;
 use crate::options::Order;
 use crate::reorder::Reorder;
@@ -109,6 +110,8 @@ pub(crate) struct Engine<U> {
     quick_yields: u8,
     /// With `.key_order`: the keys of the items in the window.
     keys: Option<Keys>,
+    /// With `.adaptive_limit`: what moves the limit.
+    limiter: Option<Limiter>,
 }
 
 /// Where a map is in its life. It moves only forward, through the methods
@@ -152,6 +155,7 @@ impl<U> Engine<U> {
             abort_from: None,
             quick_yields: 0,
             keys: None,
+            limiter: None,
         }
     }
 
@@ -184,6 +188,23 @@ impl<U> Engine<U> {
         self.keys = Some(Keys::default());
     }
 
+    /// `.adaptive_limit(max)`: the limit moves within `1..=max`, from
+    /// `limit`.
+    #[track_caller]
+    pub(crate) fn set_adaptive_limit(&mut self, max: usize) {
+        let options = self.options_mut();
+        options.adaptive = Some(max);
+        self.limiter = Some(Limiter::new(options.limit, max));
+    }
+
+    /// The calls that may run at once now: the fixed limit, or where
+    /// `.adaptive_limit` moved it.
+    pub(crate) fn limit(&self) -> usize {
+        self.limiter
+            .as_ref()
+            .map_or(self.options.limit, Limiter::limit)
+    }
+
     pub(crate) fn has_key_order(&self) -> bool {
         self.keys.is_some()
     }
@@ -208,7 +229,8 @@ impl<U> Engine<U> {
     pub(crate) fn window(&self) -> usize {
         self.options.window.unwrap_or_else(|| {
             self.options
-                .limit
+                .adaptive
+                .unwrap_or(self.options.limit)
                 .saturating_mul(2)
                 .saturating_mul(self.sizer.most())
         })
@@ -224,6 +246,7 @@ impl<U> Engine<U> {
                 options.token.clone(),
                 options.budget.clone(),
                 options.timeout,
+                options.adaptive.is_some(),
                 Arc::clone(counters),
             )
         })

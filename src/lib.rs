@@ -119,6 +119,7 @@ mod error;
 mod ext;
 mod init;
 mod keys;
+mod limit;
 mod options;
 #[cfg(feature = "process")]
 pub mod process;

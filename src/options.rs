@@ -19,6 +19,8 @@ pub(crate) struct Options {
     pub(crate) keep_going: bool,
     pub(crate) token: Option<CancellationToken>,
     pub(crate) budget: Option<Arc<Semaphore>>,
+    /// Set by `.adaptive_limit(max)`: the limit moves within `1..=max`.
+    pub(crate) adaptive: Option<usize>,
 }
 
 /// Whether results come out in input or in completion order.

@@ -238,6 +238,8 @@ pub struct Snapshot {
     /// [`key_order`](crate::ParImap::key_order), items whose key is busy.
     /// They count in the window, not in `in_flight`, and hold no permit.
     pub waiting: u64,
-    /// The most mapper calls that may run at once: the map's `limit`.
+    /// The most mapper calls that may run at once: the map's `limit`, or,
+    /// with [`adaptive_limit`](crate::ParImap::adaptive_limit), where the
+    /// algorithm has moved it now (never reduced by a shared budget).
     pub limit: u64,
 }

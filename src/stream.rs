@@ -23,7 +23,7 @@ use crate::options::Options;
 use crate::options::Order;
 use crate::spawn::Spawn;
 use crate::stats::Stats;
-use crate::variant::{Batching, Kind, Output};
+use crate::variant::{Adapting, Batching, Kind, Output};
 
 pin_project! {
     /// Stream returned by every method of [`ParImapExt`](crate::ParImapExt):
@@ -90,6 +90,7 @@ where
                     keep_going: false,
                     token: None,
                     budget: None,
+                    adaptive: None,
                 },
                 <K::Runner as Spawn<St::Item>>::BATCHES,
             ),
@@ -139,11 +140,18 @@ where
     /// ```
     #[track_caller]
     pub fn window(mut self, window: usize) -> Self {
-        assert!(
-            window >= self.engine.options().limit,
-            "par_imap: `window` ({window}) must be at least `limit` ({})",
-            self.engine.options().limit
-        );
+        let options = self.engine.options();
+        match options.adaptive {
+            Some(max) => assert!(
+                window >= max,
+                "par_imap: `window` ({window}) must be at least the `adaptive_limit` ({max})"
+            ),
+            None => assert!(
+                window >= options.limit,
+                "par_imap: `window` ({window}) must be at least `limit` ({})",
+                options.limit
+            ),
+        }
         self.engine.options_mut().window = Some(window);
         self
     }
@@ -511,6 +519,99 @@ where
     }
 }
 
+impl<St, F, K> ParImap<St, F, K>
+where
+    St: Stream,
+    K: Kind<St::Item, F> + Adapting,
+{
+    /// Lets the limit find itself: it moves between 1 and `max`, starting at
+    /// the `limit` the map was made with, from the latency calls show, like
+    /// TCP's congestion window. Async variants only. For a map that calls a
+    /// server: too low a limit wastes throughput, too high a one queues
+    /// requests at the server and drives latency and timeouts up.
+    ///
+    /// The algorithm is TCP Vegas, as Netflix's concurrency-limits applies it
+    /// to requests. A call's latency counts from the moment it holds its
+    /// permit (with [`semaphore`](ParImap::semaphore)) or starts, to its end.
+    /// The lowest latency seen is the no-load floor. Every `300 * limit`
+    /// calls a probe re-learns it, so that a server that got slower for good
+    /// is not taken for a congested one forever: the limit is held at a
+    /// quarter for `2 * limit` calls, their lowest latency is the new floor,
+    /// and the limit goes back to where it was. From a call's latency `rtt`, `queue = limit * (1 - floor /
+    /// rtt)` estimates the calls waiting at the other end; with `lg =
+    /// max(1, log10(limit))`, the limit grows by `6 * lg` while `queue <=
+    /// lg`, by `lg` while `queue < 2 * lg`, shrinks by `lg` when `queue > 4 *
+    /// lg`, halves at a timeout or a panic, and stays otherwise. An `Err` of a
+    /// `try_` variant counts by its latency only. The limit does not grow
+    /// while fewer than half of it are running (the input, the window or the
+    /// consumer is what limits the map then). It moves at most once a
+    /// round trip, like TCP's window: it decides once per `limit` calls,
+    /// from their mean latency (a timeout or a panic at once), and after a
+    /// change it does not read the calls that were running then (they
+    /// started under the old limit).
+    ///
+    /// [`Snapshot::limit`](crate::Snapshot::limit) shows it as it moves,
+    /// never reduced by a shared budget (which still caps how many calls
+    /// run), and a `debug` trace event marks each change. When the limit
+    /// shrinks, the running calls finish: `in_flight` may stay above it until
+    /// they do. Unless set with [`window`](ParImap::window), the window is
+    /// `2 * max`.
+    ///
+    /// Blocking variants have no `adaptive_limit`: their limit is the
+    /// number of threads given to the map, which latency says nothing about.
+    ///
+    /// ```compile_fail
+    /// use par_imap::ParImapExt;
+    /// let _ = futures::stream::iter([1]).par_imap(2, |n: i32| n).adaptive_limit(8);
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if `max` is below the map's `limit`, if a
+    /// `window` below `max` was set, or if the stream was already polled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::ParImapExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), par_imap::Error> {
+    /// let calls = stream::iter(0..200_u64)
+    ///     .par_imap_async(4, |n| async move {
+    ///         tokio::time::sleep(Duration::from_millis(1)).await; // a request
+    ///         n
+    ///     })
+    ///     .adaptive_limit(64);
+    /// let stats = calls.stats();
+    /// let answers: Vec<u64> = calls.try_collect().await?;
+    /// assert_eq!(answers, (0..200).collect::<Vec<_>>());
+    /// let limit = stats.snapshot().limit;
+    /// assert!((1..=64).contains(&limit), "it moved within 1..=64: {limit}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn adaptive_limit(mut self, max: usize) -> Self {
+        let options = self.engine.options();
+        assert!(
+            max >= options.limit,
+            "par_imap: `adaptive_limit` ({max}) must be at least `limit` ({})",
+            options.limit
+        );
+        if let Some(window) = options.window {
+            assert!(
+                window >= max,
+                "par_imap: `window` ({window}) must be at least the `adaptive_limit` ({max})"
+            );
+        }
+        self.engine.set_adaptive_limit(max);
+        self
+    }
+}
+
 impl<St, F, K> Stream for ParImap<St, F, K>
 where
     St: Stream,
@@ -556,7 +657,8 @@ where
         f.debug_struct("ParImap")
             .field("input", &self.input)
             .field("order", &options.order)
-            .field("limit", &options.limit)
+            .field("limit", &engine.limit())
+            .field("adaptive_limit", &options.adaptive)
             .field("window", &engine.window())
             .field("batch", &options.batch)
             .field("timeout", &options.timeout)

@@ -168,6 +168,12 @@ where
     }
 }
 
+/// The variants whose limit may adapt: the async ones.
+pub trait Adapting {}
+
+impl Adapting for Async {}
+impl Adapting for Try<Async> {}
+
 /// The variants whose calls may take several items: the blocking ones.
 pub trait Batching {}
 

@@ -2,6 +2,8 @@
 //! the reorder buffer, a steal splitting a call, failures observed and
 //! fail-fast applied.
 
+use std::time::Duration;
+
 use super::{Engine, Phase, Running};
 use crate::batch::{Batch, Results};
 use crate::call::Event;
@@ -62,6 +64,7 @@ impl<U> Engine<U> {
                     mapped,
                     busy,
                 } => {
+                    self.adapt(busy, results.last(), self.in_flight);
                     self.in_flight -= 1;
                     self.release_keys(call);
                     self.sizer.observe(mapped, busy);
@@ -84,6 +87,28 @@ impl<U> Engine<U> {
                     }
                 }
             }
+        }
+    }
+
+    /// `.adaptive_limit`: a call that ran for `latency` (from the moment it
+    /// held its permit), its last result, and the calls running with it
+    /// move the limit. Timeouts and panics count as drops; an `Err` only by
+    /// its latency.
+    fn adapt(&mut self, latency: Duration, last: Option<&Result<U, Error>>, in_flight: usize) {
+        let Some(limiter) = &mut self.limiter else {
+            return;
+        };
+        if latency.is_zero() {
+            return; // never started
+        }
+        let dropped = last.is_some_and(|result| {
+            result
+                .as_ref()
+                .is_err_and(|e| e.is_timeout() || e.is_panic())
+        });
+        if let Some(limit) = limiter.observe(latency, dropped, in_flight) {
+            self.counters.limit(limit);
+            trace::life!("par_imap: limit moved", limit = limit);
         }
     }
 

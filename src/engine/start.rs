@@ -41,7 +41,7 @@ impl<U> Engine<U> {
             // A worker idle takes what room there is: a slow or hung item
             // holding the window's head must not idle it.
             let share = self.share();
-            if self.in_flight >= self.options.limit && room < most.min(share).max(1) {
+            if self.in_flight >= self.limit() && room < most.min(share).max(1) {
                 break;
             }
             // Adaptive sizes also keep to a fair share of the window, so that
@@ -72,7 +72,7 @@ impl<U> Engine<U> {
 
     /// A fair share of the window for one call.
     fn share(&self) -> usize {
-        self.window() / self.options.limit.saturating_mul(2)
+        self.window() / self.limit().saturating_mul(2)
     }
 
     /// Adaptive sizes: while workers are idle, what came is shared among
@@ -80,7 +80,7 @@ impl<U> Engine<U> {
     /// the ones after it while a worker is free.
     fn pieces(&self) -> usize {
         match self.options.batch {
-            None => self.options.limit.saturating_sub(self.in_flight).max(1),
+            None => self.limit().saturating_sub(self.in_flight).max(1),
             Some(_) => 1,
         }
     }
@@ -221,9 +221,9 @@ impl<U> Engine<U> {
         // Blocking calls: one queued behind each running one, so a worker
         // never waits for the consumer to hand it the next call.
         if batches {
-            self.options.limit.saturating_mul(2)
+            self.limit().saturating_mul(2)
         } else {
-            self.options.limit
+            self.limit()
         }
     }
 
