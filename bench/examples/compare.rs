@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p par-imap-bench --example compare            # everything, about 4 minutes
 //! cargo run --release -p par-imap-bench --example compare -- quick   # fewer items, a smoke run
+//! cargo run --release -p par-imap-bench --example compare -- keyed-async 7   # .key_order on async items
 //! ```
 //!
 //! CPU-bound work is a xorshift loop (no memory traffic), calibrated at start
@@ -461,8 +462,177 @@ fn memory_table(quick: bool) {
     );
 }
 
+/// A deterministic stream of pseudo-random numbers (splitmix64).
+struct Draws(u64);
+
+impl Draws {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..1`.
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1_u64 << 53) as f64
+    }
+}
+
+/// One async key-order scenario: the key and the sleep of each item.
+struct KeyedRun {
+    keys: Vec<u64>,
+    sleeps: Vec<Duration>,
+    limit: usize,
+}
+
+impl KeyedRun {
+    /// Seconds to map every item with `par_imap_async(limit)`, with or
+    /// without `.key_order`.
+    fn time(&self, rt: &tokio::runtime::Runtime, keyed: bool) -> f64 {
+        let keys = self.keys.clone();
+        let sleeps = self.sleeps.clone();
+        let limit = self.limit;
+        let start = Instant::now();
+        rt.block_on(rt.spawn(async move {
+            let items = stream::iter(keys.into_iter().zip(sleeps));
+            let map = items.par_imap_async(limit, |(key, sleep)| async move {
+                tokio::time::sleep(sleep).await;
+                key
+            });
+            let map = if keyed {
+                map.key_order(|&(key, _)| key)
+            } else {
+                map
+            };
+            map.try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                .await
+                .expect("no failures")
+        }))
+        .expect("no panics");
+        start.elapsed().as_secs_f64()
+    }
+
+    /// Seconds of a serial loop over the items of `key`: what that key
+    /// costs however the others run.
+    fn serial(&self, rt: &tokio::runtime::Runtime, key: u64) -> f64 {
+        let sleeps: Vec<Duration> = (0..self.keys.len())
+            .filter(|&i| self.keys[i] == key)
+            .map(|i| self.sleeps[i])
+            .collect();
+        let start = Instant::now();
+        rt.block_on(rt.spawn(async move {
+            for sleep in sleeps {
+                tokio::time::sleep(sleep).await;
+            }
+        }))
+        .expect("no panics");
+        start.elapsed().as_secs_f64()
+    }
+}
+
+/// Median and range of `values`, formatted.
+fn spread(values: &mut [f64], unit: &str, scale: f64) -> String {
+    values.sort_by(f64::total_cmp);
+    format!(
+        "{:.3}{unit} [{:.3}–{:.3}]",
+        values[values.len() / 2] * scale,
+        values[0] * scale,
+        values[values.len() - 1] * scale
+    )
+}
+
+/// `.key_order` on async items (issue 20's targets), `rounds` rounds, each
+/// scenario's runs interleaved within a round.
+fn keyed_async_table(rounds: usize) {
+    let rt = runtime();
+    let ms = Duration::from_millis(1);
+    let mut draws = Draws(20);
+    // 20 000 items of a 1 ms sleep, limit 32: 1 000 uniform keys, and
+    // Zipf (s = 1) over 1 000 keys.
+    let uniform = KeyedRun {
+        keys: (0..20_000).map(|_| draws.next() % 1_000).collect(),
+        sleeps: vec![ms; 20_000],
+        limit: 32,
+    };
+    let harmonic: Vec<f64> = (1..=1_000)
+        .scan(0.0, |sum, k| {
+            *sum += 1.0 / k as f64;
+            Some(*sum)
+        })
+        .collect();
+    let total = harmonic[999];
+    let zipf = KeyedRun {
+        keys: (0..20_000)
+            .map(|_| {
+                let u = draws.unit() * total;
+                harmonic.partition_point(|&c| c < u) as u64
+            })
+            .collect(),
+        sleeps: vec![ms; 20_000],
+        limit: 32,
+    };
+    // Overtaking: 10 keys in turn, key 0's items 50 times slower, limit 8.
+    let overtake = KeyedRun {
+        keys: (0..1_000).map(|i| i % 10).collect(),
+        sleeps: (0..1_000)
+            .map(|i| if i % 10 == 0 { 50 * ms } else { ms })
+            .collect(),
+        limit: 8,
+    };
+    // One key: a serial loop.
+    let one = KeyedRun {
+        keys: vec![7; 1_000],
+        sleeps: vec![ms; 1_000],
+        limit: 32,
+    };
+    let (mut u, mut z, mut o, mut s) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        eprintln!("keyed-async: round {}", round + 1);
+        // keyed / unkeyed
+        u.push(uniform.time(&rt, false) / uniform.time(&rt, true));
+        // bound / keyed: bound = max(unkeyed, the hottest key alone)
+        let zipf_keyed = zipf.time(&rt, true);
+        let bound = zipf.time(&rt, false).max(zipf.serial(&rt, 0));
+        z.push(bound / zipf_keyed);
+        let overtake_keyed = overtake.time(&rt, true);
+        let ideal = overtake.time(&rt, false).max(overtake.serial(&rt, 0));
+        o.push(ideal / overtake_keyed);
+        let one_keyed = one.time(&rt, true);
+        s.push(one.serial(&rt, 7) / one_keyed);
+    }
+    println!(
+        "## `.key_order` on async items: speed against the bound, median of {rounds} [min–max]\n"
+    );
+    println!("| scenario | ratio (1.0 = the bound) | target |");
+    println!("|---|---|---|");
+    println!(
+        "| 1 000 uniform keys, 20 000 × 1 ms, limit 32: unkeyed time / keyed time | {} | ≥ 0.9 |",
+        spread(&mut u, "", 1.0)
+    );
+    println!(
+        "| Zipf (s = 1) over 1 000 keys, same: max(unkeyed, hottest key serial) / keyed | {} | ≥ 0.9 |",
+        spread(&mut z, "", 1.0)
+    );
+    println!(
+        "| overtaking: 10 keys, key 0 50× slower (50 ms), 1 000 items, limit 8: max(unkeyed, key 0 serial) / keyed | {} | ≥ 0.8 |",
+        spread(&mut o, "", 1.0)
+    );
+    println!(
+        "| one key, 1 000 × 1 ms: serial loop / keyed | {} | ≥ 0.9 (within 10 %) |",
+        spread(&mut s, "", 1.0)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, rounds] = args.as_slice()
+        && mode == "keyed-async"
+    {
+        keyed_async_table(rounds.parse().expect("rounds"));
+        return;
+    }
     if let [mode, items] = args.as_slice()
         && mode == "memory-child"
     {

@@ -16,16 +16,22 @@
 //!   --drop-to C        the capacity C drops to (default 8)
 //!   --drop-at S        when, in measured seconds (default 5)
 //!   --drop-seconds S   measured seconds of the drop run (default 15)
+//!   --adaptive-max M   also run `.adaptive_limit(M)` from limit 1, in the
+//!                      sweep and the drop (default 256; 0: fixed only)
 //!   --only sweep|drop  run one scenario only
 //!   --csv PATH         per-1 s-window series (default target/knee.csv)
+//!   --svg PATH         the adaptive limit over time in the drop run, with
+//!                      C beside it (default target/knee-limit.svg)
 //! ```
 //!
 //! The sweep prints one markdown row per limit: throughput, p50 and p99
 //! latency over the run, the max and the median of the p99s of its 1 s
 //! windows, timeouts, errors, and the process's CPU use (client and server
 //! share the process; 100 % is one core). The best fixed limit (highest
-//! throughput; within 2 % of it, the lowest p99) is marked. The drop run
-//! prints per-window throughput and p99, so recovery can be seen.
+//! throughput; within 2 % of it, the lowest p99) is marked, and the
+//! adaptive row is set against it. The drop run (the fixed drop limit, then
+//! the adaptive map) prints per-window throughput, p99 and the limit, so
+//! recovery can be seen, and draws the adaptive limit over time as an SVG.
 //!
 //! Latency is per request, from the moment the mapper is called to the end
 //! of the response body. A timed-out request counts in the percentiles with
@@ -46,13 +52,15 @@ use par_imap_services::knee::KneeServer;
 enum Mode {
     /// `par_imap_async(limit, ..)`.
     Fixed(usize),
-    // `Adaptive(max)` goes here once the library has `.adaptive_limit(max)`.
+    /// `par_imap_async(1, ..).adaptive_limit(max)`.
+    Adaptive(usize),
 }
 
 impl Mode {
     fn name(self) -> String {
         match self {
             Mode::Fixed(limit) => format!("fixed {limit}"),
+            Mode::Adaptive(max) => format!("adaptive {max}"),
         }
     }
 }
@@ -87,19 +95,19 @@ fn build_map(
             })
         }
     };
-    // An arm `Mode::Adaptive(max)` goes here: the same map with
-    // `.adaptive_limit(max)`; the tick in `run` is where to sample
-    // `stats.snapshot().limit` for the plot of the limit over time.
-    match mode {
-        Mode::Fixed(limit) => {
-            let map = futures::stream::iter(0..)
-                .par_imap_async(limit, request)
-                .timeout(timeout)
-                .keep_going();
-            let stats = map.stats();
-            (map.boxed(), stats)
-        }
+    let (limit, adaptive) = match mode {
+        Mode::Fixed(limit) => (limit, None),
+        Mode::Adaptive(max) => (1, Some(max)),
+    };
+    let mut map = futures::stream::iter(0..)
+        .par_imap_async(limit, request)
+        .timeout(timeout)
+        .keep_going();
+    if let Some(max) = adaptive {
+        map = map.adaptive_limit(max);
     }
+    let stats = map.stats();
+    (map.boxed(), stats)
 }
 
 #[derive(Clone, Debug)]
@@ -114,8 +122,11 @@ struct Options {
     drop_to: usize,
     drop_at: f64,
     drop_seconds: f64,
+    /// `.adaptive_limit(max)` beside the fixed limits (0: none).
+    adaptive_max: usize,
     only: Option<String>,
     csv: String,
+    svg: String,
 }
 
 impl Options {
@@ -131,8 +142,10 @@ impl Options {
             drop_to: 8,
             drop_at: 5.0,
             drop_seconds: 15.0,
+            adaptive_max: 256,
             only: None,
             csv: "target/knee.csv".into(),
+            svg: "target/knee-limit.svg".into(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -152,8 +165,10 @@ impl Options {
                 "--drop-to" => options.drop_to = value.parse()?,
                 "--drop-at" => options.drop_at = value.parse()?,
                 "--drop-seconds" => options.drop_seconds = value.parse()?,
+                "--adaptive-max" => options.adaptive_max = value.parse()?,
                 "--only" => options.only = Some(value),
                 "--csv" => options.csv = value,
+                "--svg" => options.svg = value,
                 _ => anyhow::bail!("unknown option {flag} (see the doc comment of knee.rs)"),
             }
         }
@@ -176,6 +191,8 @@ struct Run {
     errors: usize,
     /// At the end of each 1 s window: calls in flight and the server's C.
     ticks: Vec<(u64, usize)>,
+    /// Every 100 ms: (seconds, `Snapshot::limit`, the server's C).
+    limits: Vec<(f64, u64, usize)>,
     /// Process CPU seconds over wall seconds, measured part only.
     cpu: Option<f64>,
     seconds: f64,
@@ -207,6 +224,7 @@ async fn run(
             server.set_capacity(capacity);
         })
     });
+    let mut sample = tokio::time::interval(Duration::from_millis(100));
     let mut cpu_start = None;
     let mut seen = Run {
         seconds,
@@ -218,6 +236,12 @@ async fn run(
             () = &mut stop => break,
             _ = tick.tick() => {
                 seen.ticks.push((stats.snapshot().in_flight, server.capacity()));
+            }
+            at = sample.tick() => {
+                let t = since(at.into_std());
+                if at.into_std() >= start {
+                    seen.limits.push((t, stats.snapshot().limit, server.capacity()));
+                }
             }
             () = tokio::time::sleep_until(start.into()), if cpu_start.is_none() => {
                 cpu_start = cpu_seconds();
@@ -409,6 +433,75 @@ fn cpu(cpu: Option<f64>) -> String {
     cpu.map_or("-".into(), |c| format!("{:.0} %", c * 100.0))
 }
 
+/// The limit over time in a run (and the server's C), as an SVG line chart
+/// drawn by hand: no plotting dependency for two lines.
+fn svg(run: &Run, options: &Options, mode: Mode) -> String {
+    let (width, height, pad) = (720.0, 360.0, 48.0);
+    let top = run
+        .limits
+        .iter()
+        .map(|&(_, limit, capacity)| limit.max(capacity as u64))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.1;
+    let x = |t: f64| pad + t / run.seconds * (width - 2.0 * pad);
+    let y = |v: f64| height - pad - v / top * (height - 2.0 * pad);
+    let line = |value: &dyn Fn(&(f64, u64, usize)) -> f64| -> String {
+        run.limits
+            .iter()
+            .map(|point| format!("{:.1},{:.1}", x(point.0), y(value(point))))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad}\" y=\"20\">{}: the limit over time; the server's capacity C drops from {} to {} at {} s</text>\n",
+        mode.name(),
+        options.capacity,
+        options.drop_to,
+        options.drop_at
+    );
+    let (x0, y0, x1, y1) = (x(0.0), y(0.0), x(run.seconds), y(top));
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"black\"/>\n\
+         <line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{y1}\" stroke=\"black\"/>"
+    );
+    for second in (0..=run.seconds as usize).step_by(5) {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{second} s</text>",
+            x(second as f64),
+            y0 + 16.0
+        );
+    }
+    let step = (top / 5.0).ceil().max(1.0);
+    let mut value = 0.0;
+    while value <= top {
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{value:.0}</text>",
+            x0 - 6.0,
+            y(value) + 4.0
+        );
+        value += step;
+    }
+    let _ = writeln!(
+        svg,
+        "<polyline fill=\"none\" stroke=\"gray\" stroke-dasharray=\"4 3\" points=\"{}\"/>\n\
+         <polyline fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\" points=\"{}\"/>\n\
+         <text x=\"{:.1}\" y=\"40\" fill=\"steelblue\">Snapshot::limit</text>\n\
+         <text x=\"{:.1}\" y=\"56\" fill=\"gray\">capacity C</text>\n</svg>",
+        line(&|point| point.2 as f64),
+        line(&|point| point.1 as f64),
+        width - 160.0,
+        width - 160.0,
+    );
+    svg
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse()?;
@@ -429,8 +522,14 @@ async fn main() -> anyhow::Result<()> {
 
     if options.runs("sweep") {
         let mut rows = Vec::new();
-        for &limit in &options.limits {
-            let mode = Mode::Fixed(limit);
+        let adaptive = (options.adaptive_max > 0).then_some(Mode::Adaptive(options.adaptive_max));
+        let modes: Vec<Mode> = options
+            .limits
+            .iter()
+            .map(|&l| Mode::Fixed(l))
+            .chain(adaptive)
+            .collect();
+        for &mode in &modes {
             let seen = run(mode, &server, &client, &options, options.seconds, None).await;
             csv_rows(&mut csv, "sweep", mode, &seen, options.timeout);
             let row = row(mode, &seen, options.timeout);
@@ -442,7 +541,8 @@ async fn main() -> anyhow::Result<()> {
             );
             rows.push(row);
         }
-        let best = best(&rows);
+        let fixed = rows.len() - usize::from(adaptive.is_some());
+        let best = best(&rows[..fixed]);
         println!("\nSweep against C = {}:\n", options.capacity);
         println!(
             "| mode | req/s | p50 ms | p99 ms | p99/1 s max | p99/1 s median | timeouts | errors | CPU | |"
@@ -463,10 +563,22 @@ async fn main() -> anyhow::Result<()> {
                 if Some(i) == best { "**best**" } else { "" },
             );
         }
+        if let (Some(best), Some(adaptive)) = (best, rows.get(fixed)) {
+            println!(
+                "\n{} against the best fixed limit ({}): throughput {:.3}x, p99 {:.2}x, median 1 s p99 {:.2}x",
+                adaptive.mode.name(),
+                rows[best].mode.name(),
+                adaptive.throughput / rows[best].throughput,
+                adaptive.p99 / rows[best].p99,
+                adaptive.window_p99_median / rows[best].window_p99_median,
+            );
+        }
     }
 
-    if options.runs("drop") {
-        let mode = Mode::Fixed(options.drop_limit);
+    let drop_modes: Vec<Mode> = std::iter::once(Mode::Fixed(options.drop_limit))
+        .chain((options.adaptive_max > 0).then_some(Mode::Adaptive(options.adaptive_max)))
+        .collect();
+    for mode in drop_modes.into_iter().filter(|_| options.runs("drop")) {
         server.set_capacity(options.capacity);
         let seen = run(
             mode,
@@ -487,19 +599,35 @@ async fn main() -> anyhow::Result<()> {
             options.drop_at,
             cpu(seen.cpu)
         );
-        println!("| window s | C at end | req/s | p50 ms | p99 ms | timeouts | in flight at end |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!(
+            "| window s | C at end | req/s | p50 ms | p99 ms | timeouts | in flight at end | limit (median) |"
+        );
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         for window in seen.windows(options.timeout) {
             let (in_flight, capacity) = seen.ticks.get(window.start).copied().unwrap_or_default();
+            let mut limits: Vec<f64> = seen
+                .limits
+                .iter()
+                .filter(|(t, _, _)| (window.start as f64..window.start as f64 + 1.0).contains(t))
+                .map(|&(_, limit, _)| limit as f64)
+                .collect();
             println!(
-                "| {}-{} | {capacity} | {} | {:.1} | {:.1} | {} | {in_flight} |",
+                "| {}-{} | {capacity} | {} | {:.1} | {:.1} | {} | {in_flight} | {:.0} |",
                 window.start,
                 window.start + 1,
                 window.answered,
                 window.p50,
                 window.p99,
                 window.timeouts,
+                median(&mut limits),
             );
+        }
+        if let Mode::Adaptive(_) = mode {
+            if let Some(dir) = std::path::Path::new(&options.svg).parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&options.svg, svg(&seen, &options, mode))?;
+            println!("\nthe limit over time: {}", options.svg);
         }
     }
 

@@ -20,6 +20,15 @@
 //! panic) does not stop the consumer: with `.keep_going()` its error is
 //! recorded as its result (field `error`) and the job is acknowledged.
 //!
+//! Jobs of one key (field `key`, say a customer; a job without one is its
+//! own key) never run at the same time in one worker, and run in the order
+//! it read them (`.key_order`); jobs of other keys run beside them. Each
+//! result records the key and when its job started and ended (µs since the
+//! worker started), so this can be checked. Across workers it takes jobs
+//! sharded by key: one stream (and group) per shard of keys, each read by
+//! one worker at a time; one consumer group shares jobs out by arrival, not
+//! by key.
+//!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`), `JOB_ROUNDS`
 //! (default 2000), `CLAIM_IDLE_MS` (default 5000), `BATCH` (default 64).
 
@@ -49,8 +58,17 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// consumer's reading order.
 struct Job {
     id: String,
+    /// The job's key: its field `key`, or else its id.
+    key: String,
     payload: Vec<u8>,
     seq: u64,
+}
+
+/// A job's digest, and when it started and ended, in µs since `since`.
+struct Done {
+    digest: String,
+    started: u128,
+    ended: u128,
 }
 
 /// The CPU-bound work: SHA-256 of the payload, `rounds` times over.
@@ -130,7 +148,9 @@ impl Reader {
                         .map(|entry| {
                             self.seq += 1;
                             let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
+                            let key: Option<String> = entry.get("key");
                             Job {
+                                key: key.unwrap_or_else(|| entry.id.clone()),
                                 id: entry.id,
                                 payload,
                                 seq: self.seq,
@@ -153,7 +173,11 @@ impl Reader {
 /// yields in input order, so each result, or a failure (which carries only
 /// its index), is the job at the front. The map's window bounds its length.
 #[derive(Clone, Default)]
-struct InFlight(Arc<Mutex<VecDeque<(String, u64)>>>);
+struct InFlight(Arc<Mutex<VecDeque<Read>>>);
+
+/// What the result of a job records of it: its id, key and read sequence
+/// number.
+type Read = (String, String, u64);
 
 impl InFlight {
     fn push(&self, job: &Job) {
@@ -161,11 +185,12 @@ impl InFlight {
             .0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        jobs.push_back((job.id.clone(), job.seq));
+        jobs.push_back((job.id.clone(), job.key.clone(), job.seq));
     }
 
-    /// The id and read sequence number of the job whose result came next.
-    fn pop(&self) -> (String, u64) {
+    /// The id, key and read sequence number of the job whose result came
+    /// next.
+    fn pop(&self) -> Read {
         let mut jobs = self
             .0
             .lock()
@@ -179,19 +204,25 @@ impl InFlight {
 fn record(
     pipe: &mut redis::Pipeline,
     consumer: &str,
-    (id, seq): (String, u64),
-    outcome: Result<String, String>,
+    (id, key, seq): Read,
+    outcome: Result<Done, String>,
 ) {
-    let (field, value) = match outcome {
-        Ok(digest) => ("digest", digest),
-        Err(error) => ("error", error),
-    };
-    let fields = HashMap::from([
+    let mut fields = HashMap::from([
         ("job", id.clone()),
+        ("key", key),
         ("worker", consumer.to_owned()),
         ("seq", seq.to_string()),
-        (field, value),
     ]);
+    match outcome {
+        Ok(done) => {
+            fields.insert("digest", done.digest);
+            fields.insert("started_us", done.started.to_string());
+            fields.insert("ended_us", done.ended.to_string());
+        }
+        Err(error) => {
+            fields.insert("error", error);
+        }
+    }
     pipe.xadd_map(RESULTS, "*", fields).ignore();
     pipe.xack(JOBS, GROUP, &[&id]).ignore();
 }
@@ -252,11 +283,20 @@ async fn main() -> anyhow::Result<()> {
         .flat_map(stream::iter)
         .inspect(move |job| pulled.push(job))
         .boxed();
+    let since = Instant::now();
     let results = jobs
         .par_imap(limit, move |job: Job| {
+            let started = since.elapsed().as_micros();
             assert!(!job.payload.starts_with(b"poison"), "a poisoned job");
-            digest(&job.payload, rounds)
+            let digest = digest(&job.payload, rounds);
+            Done {
+                digest,
+                started,
+                ended: since.elapsed().as_micros(),
+            }
         })
+        // Jobs of one key one after another, in read order.
+        .key_order(|job: &Job| job.key.clone())
         .cancel_token(cancel.clone())
         // One poisoned job must not stop the consumer.
         .keep_going();
@@ -269,8 +309,8 @@ async fn main() -> anyhow::Result<()> {
         let mut stop = false;
         for result in batch {
             match result {
-                Ok(digest) => {
-                    record(&mut pipe, &consumer, in_flight.pop(), Ok(digest));
+                Ok(finished) => {
+                    record(&mut pipe, &consumer, in_flight.pop(), Ok(finished));
                     done += 1;
                 }
                 // A cancellation may name a job never read: nothing to pop.

@@ -1,8 +1,9 @@
 //! Scale-out on a real broker: three `redis_worker` processes share a Redis
 //! Streams consumer group; one is killed with SIGKILL half-way. Every job
 //! still gets a result, duplicates only for the jobs the dead worker held,
-//! each worker's results follow its read order, nothing stays pending, and
-//! no process is left running.
+//! each worker's results follow its read order, jobs of one key never run
+//! at the same time within a worker (`.key_order` on the job's field
+//! `key`), nothing stays pending, and no process is left running.
 //!
 //! Needs Debian's `redis-server`: `.ci/run` installs it. Elsewhere, without
 //! it, the test says it was skipped; under `CI` it fails instead.
@@ -69,6 +70,24 @@ async fn until<T>(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> O
 /// Every entry of stream `results`: (job id, worker, read sequence number,
 /// whether it records a failure).
 async fn results(redis: &mut MultiplexedConnection) -> Vec<(String, String, u64, bool)> {
+    entries(redis)
+        .await
+        .into_iter()
+        .map(|entry| (entry.job, entry.worker, entry.seq, entry.span.is_none()))
+        .collect()
+}
+
+/// One entry of stream `results`.
+struct Entry {
+    job: String,
+    key: String,
+    worker: String,
+    seq: u64,
+    /// When the job started and ended in its worker (µs), unless it failed.
+    span: Option<(u64, u64)>,
+}
+
+async fn entries(redis: &mut MultiplexedConnection) -> Vec<Entry> {
     let all: StreamRangeReply = redis::cmd("XRANGE")
         .arg("results")
         .arg("-")
@@ -79,12 +98,15 @@ async fn results(redis: &mut MultiplexedConnection) -> Vec<(String, String, u64,
     all.ids
         .iter()
         .map(|entry| {
-            (
-                entry.get::<String>("job").unwrap(),
-                entry.get::<String>("worker").unwrap(),
-                entry.get::<String>("seq").unwrap().parse().unwrap(),
-                entry.get::<String>("error").is_some(),
-            )
+            let failed = entry.get::<String>("error").is_some();
+            let micros = |field: &str| entry.get::<String>(field).unwrap().parse().unwrap();
+            Entry {
+                job: entry.get("job").unwrap(),
+                key: entry.get("key").unwrap(),
+                worker: entry.get("worker").unwrap(),
+                seq: entry.get::<String>("seq").unwrap().parse().unwrap(),
+                span: (!failed).then(|| (micros("started_us"), micros("ended_us"))),
+            }
         })
         .collect()
 }
@@ -145,6 +167,9 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
             pipe.cmd("XADD")
                 .arg("jobs")
                 .arg("*")
+                // 40 keys: jobs of one key must not overlap in a worker.
+                .arg("key")
+                .arg(format!("customer-{}", n % 40))
                 .arg("payload")
                 // Every 1000th job makes the mapper panic: the worker
                 // records its failure and goes on.
@@ -272,6 +297,30 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
             poisoned.contains(job.as_str()),
             "job {job}: a failure recorded exactly for poisoned jobs"
         );
+    }
+    // Within a worker, the jobs of one key ran one after another, in read
+    // order (the poisoned ones have no span).
+    // (worker, key) → (read order, started, ended) of each job.
+    type Spans = HashMap<(String, String), Vec<(u64, u64, u64)>>;
+    let mut spans = Spans::new();
+    for entry in entries(&mut redis).await {
+        if let Some((started, ended)) = entry.span {
+            spans
+                .entry((entry.worker, entry.key))
+                .or_default()
+                .push((entry.seq, started, ended));
+        }
+    }
+    assert!(spans.len() >= 40, "every key ran: {}", spans.len());
+    for ((worker, key), jobs) in &mut spans {
+        jobs.sort_unstable();
+        for pair in jobs.windows(2) {
+            let ((seq_a, _, ended_a), (seq_b, started_b, _)) = (pair[0], pair[1]);
+            assert!(
+                ended_a <= started_b,
+                "{worker}: jobs {seq_a} and {seq_b} of {key} overlapped, or ran out of read order"
+            );
+        }
     }
     let by_survivors = all.iter().filter(|(_, w, ..)| w != "w2").count();
     assert!(
