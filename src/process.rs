@@ -38,12 +38,13 @@
 
 use std::fmt;
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::process::{ExitStatus, Stdio};
 
 #[cfg(unix)]
 use rustix::process::{Pid, Signal, kill_process_group};
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
 
 /// Why a child process did not produce its output.
 ///
@@ -180,10 +181,12 @@ impl From<io::Error> for ProcessError {
 /// returned future before the child has ended kills **the whole group** with
 /// `SIGKILL`: when the map aborts the call (fail-fast,
 /// [`timeout`](crate::ParImap::timeout), the stream dropped), a shell's
-/// grandchildren die with the shell. tokio reaps the killed child in the
-/// background, so none is left running or as a zombie. Being in its own
-/// group, the child does not get the terminal's Ctrl-C: the map's
-/// cancellation is what stops it. Elsewhere only the child itself is killed.
+/// grandchildren die with the shell. A task spawned on the current runtime
+/// waits for the killed child, so none is left running or as a zombie
+/// (dropped outside a runtime, the child is reaped by tokio at a later
+/// `SIGCHLD`). Being in its own group, the child does not get the terminal's
+/// Ctrl-C: the map's cancellation is what stops it. Elsewhere only the child
+/// itself is killed.
 ///
 /// The group is signalled with one `kill(2)` system call (through
 /// [`rustix`](https://docs.rs/rustix), as the crate forbids `unsafe`); the
@@ -217,15 +220,15 @@ pub async fn output(mut command: Command, stdin: Vec<u8>) -> Result<Vec<u8>, Pro
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Only where `Running` cannot reap the child itself (no runtime).
         .kill_on_drop(true);
     #[cfg(unix)]
     command.process_group(0);
     let mut child = command.spawn()?;
-    // Armed until the child has been waited for: dropped before that, it
-    // kills the child's whole group. The child is not reaped before then, so
-    // its pid (the group's id) cannot have been reused.
-    let group = GroupKiller(child.id());
     let mut pipe = child.stdin.take();
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut child = Running::new(child);
     let feed = async move {
         if let Some(pipe) = &mut pipe {
             match pipe.write_all(&stdin).await {
@@ -238,39 +241,97 @@ pub async fn output(mut command: Command, stdin: Vec<u8>) -> Result<Vec<u8>, Pro
         drop(pipe);
         Ok::<_, io::Error>(())
     };
-    let (fed, output) = futures::future::join(feed, child.wait_with_output()).await;
-    if output.is_ok() {
-        group.disarm();
-    }
-    let output = output?;
-    if !output.status.success() {
-        return Err(ProcessError::from_status(output.status, output.stderr));
+    // What `Child::wait_with_output` does, with the child left in `child`.
+    let output = futures::future::try_join3(child.wait(), read_all(stdout), read_all(stderr));
+    let (fed, output) = futures::future::join(feed, output).await;
+    let (status, stdout, stderr) = output?;
+    child.finished();
+    if !status.success() {
+        return Err(ProcessError::from_status(status, stderr));
     }
     fed?;
-    Ok(output.stdout)
+    Ok(stdout)
 }
 
-/// Kills the process group led by the child with this pid when dropped,
-/// unless disarmed.
-struct GroupKiller(Option<u32>);
+/// Everything `pipe` yields until its end.
+async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> io::Result<Vec<u8>> {
+    let mut read = Vec::new();
+    if let Some(mut pipe) = pipe {
+        pipe.read_to_end(&mut read).await?;
+    }
+    Ok(read)
+}
 
-impl GroupKiller {
-    fn disarm(mut self) {
-        self.0 = None;
+/// A call's child until its output is complete. Dropped before that, it
+/// kills the child's process group (Unix), then the child, and has the child
+/// reaped at once.
+///
+/// tokio alone (`kill_on_drop`) queues a dropped child that has not exited
+/// yet for reaping at the next `SIGCHLD`; when the child's own `SIGCHLD` is
+/// handled before it is queued, it stays a zombie until some other child
+/// exits. A task that waits for it has no such race.
+struct Running {
+    /// `None` only once dropped.
+    child: Option<Child>,
+    /// The child's pid, its group's id; `None` once the output is complete.
+    #[cfg_attr(not(unix), allow(dead_code))]
+    group: Option<u32>,
+}
+
+impl Running {
+    fn new(child: Child) -> Self {
+        Running {
+            group: child.id(),
+            child: Some(child),
+        }
+    }
+
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.child
+            .as_mut()
+            .expect("only drop takes the child")
+            .wait()
+            .await
+    }
+
+    /// The output is complete: nothing to kill, the child has been reaped.
+    fn finished(mut self) {
+        self.group = None;
     }
 }
 
-impl Drop for GroupKiller {
+impl Drop for Running {
     fn drop(&mut self) {
         #[cfg(unix)]
-        if let Some(group) = self.0.take() {
+        if let Some(group) = self.group.take() {
             // One `kill(-PGID, SIGKILL)`: every process of the group. The
-            // result is ignored: a group already gone is what we want. Nothing
-            // is waited for; tokio reaps the child (`kill_on_drop`), and the
-            // grandchildren's new parent reaps them.
+            // result is ignored: a group already gone is what we want. The
+            // group's id is not reused while the group has a process, nor
+            // while its leader, the child, is not reaped (it is reaped below,
+            // after this). The grandchildren's new parent reaps them.
             if let Some(group) = i32::try_from(group).ok().and_then(Pid::from_raw) {
                 let _ = kill_process_group(group, Signal::KILL);
             }
         }
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // `id()` is `None` once the child has been waited for: never twice.
+        if child.id().is_none() {
+            return;
+        }
+        let _ = child.start_kill();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // Should the spawn panic, the child is dropped with the task and
+            // tokio's `kill_on_drop` takes over; the panic must not unwind
+            // out of a drop.
+            let _ = panic::catch_unwind(AssertUnwindSafe(|| {
+                runtime.spawn(async move {
+                    let _ = child.wait().await;
+                })
+            }));
+        }
+        // Without a runtime, `child` is dropped here: tokio's `kill_on_drop`
+        // reaps it if it has exited, else at a later `SIGCHLD`.
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::{Calls, eventually};
+use common::{Calls, eventually, eventually_async};
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 use par_imap::process::{self, ProcessError};
@@ -379,5 +379,35 @@ async fn dropping_a_map_of_32_children_leaves_no_child_grandchild_or_zombie() {
             zombies()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Regression: tokio alone queues a dropped child that has not exited yet
+/// for reaping at the next `SIGCHLD`, and a child whose own `SIGCHLD` was
+/// handled before it was queued stayed a zombie until some other child
+/// exited. Round after round, a map is dropped with its children just
+/// started, and no child of the next round starts (its exit would reap a
+/// stuck zombie) before every child of this one is gone, zombies included.
+/// The waits are bounded; no duration is asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_map_after_map_of_running_children_leaves_no_zombie() {
+    const ROUNDS: usize = 300;
+    const CHILDREN: usize = 2;
+    for round in 0..ROUNDS {
+        let running = marker();
+        let name = running.clone();
+        let mut results = stream::iter(0..CHILDREN)
+            .try_par_imap_async(CHILDREN, move |_| process::output(sleep(&name), Vec::new()));
+        let pending = tokio::time::timeout(Duration::from_millis(1), results.next()).await;
+        assert!(pending.is_err(), "round {round}: every child sleeps");
+        eventually_async("every child to start", || {
+            running_with(&running) == CHILDREN
+        })
+        .await;
+        drop(results);
+        eventually_async("every child to be killed and reaped", || {
+            running_with(&running) == 0 && zombies() == 0
+        })
+        .await;
     }
 }
