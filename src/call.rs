@@ -3,8 +3,8 @@
 //! makes, and the ticket that makes them exactly once.
 #![allow(unreachable_pub)]
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -15,6 +15,7 @@ use crate::batch::{Batch, Results};
 use crate::deadline::Progress;
 use crate::error::{Error, drop_contained, drop_each};
 use crate::options::Order;
+use crate::retry::Cut;
 use crate::stats::Counters;
 
 /// What the engine and its running calls share.
@@ -39,6 +40,9 @@ pub(crate) struct Shared {
     /// `.adaptive_limit`: every call reads the clock, for its latency.
     timed: bool,
     counters: Arc<Counters>,
+    /// `.retry`: the items kept for their next attempt, dropped at once
+    /// when the cutoff falls below them.
+    kept: Option<Weak<dyn Cut>>,
 }
 
 impl Shared {
@@ -61,7 +65,16 @@ impl Shared {
             timeout,
             timed,
             counters,
+            kept: None,
         })
+    }
+
+    /// `.retry`: the store of kept items, to cut when the cutoff falls.
+    pub(crate) fn with_kept(mut self: Arc<Self>, kept: Option<Weak<dyn Cut>>) -> Arc<Self> {
+        if let Some(shared) = Arc::get_mut(&mut self) {
+            shared.kept = kept;
+        }
+        self
     }
 
     /// Item `index` failed: nothing the failure makes unwanted may start.
@@ -77,7 +90,13 @@ impl Shared {
     /// other memory; a call that reads a stale value maps one item more,
     /// whose result the engine drops.
     pub(crate) fn cancel_from(&self, index: usize) {
-        self.cutoff.fetch_min(index, Ordering::Relaxed);
+        let before = self.cutoff.fetch_min(index, Ordering::Relaxed);
+        // Only when it falls: at most a few times per map.
+        if index < before {
+            if let Some(kept) = self.kept.as_ref().and_then(Weak::upgrade) {
+                kept.cut_from(index);
+            }
+        }
     }
 
     /// The map ended or was dropped: nothing may start, and calls waiting
@@ -196,6 +215,9 @@ pub struct Call<U> {
     /// A call of several items: after running this long, idle workers may
     /// take the items it has not started.
     steal_after: Duration,
+    /// `.retry`: its item may be tried again, so a failure does not cut the
+    /// map off here; the engine decides when the report comes.
+    may_retry: bool,
 }
 
 impl<U> Call<U> {
@@ -217,7 +239,13 @@ impl<U> Call<U> {
             counts_busy: false,
             permit: None,
             steal_after,
+            may_retry: false,
         }
+    }
+
+    /// `.retry`: the call's item may be tried again after a failure.
+    pub(crate) fn may_retry(&mut self) {
+        self.may_retry = true;
     }
 
     /// The call reports on `report` (blocking calls), also when dropped
@@ -271,8 +299,12 @@ impl<U> Call<U> {
 
     /// Item `index` of this call failed. Set at once, from the worker, so a
     /// call queued behind this one does not start before the engine hears.
+    /// An item that may be tried again cuts nothing off: the engine decides
+    /// when the report comes.
     pub(crate) fn failed_at(&self, index: usize) {
-        self.shared.failed_at(index);
+        if !self.may_retry {
+            self.shared.failed_at(index);
+        }
     }
 
     /// Marks the moment the mapper starts: busy time counts from here, and

@@ -49,8 +49,11 @@ use crate::stats::Counters;
 use crate::trace;
 
 mod reports;
+mod retries;
 mod start;
 mod timeouts;
+
+pub(crate) use retries::Retrying;
 
 /// Results of one batch handed out in a row without looking at reports,
 /// deadlines or new calls.
@@ -78,6 +81,9 @@ pub(crate) struct Running<U> {
     /// With a timeout: what the call shares about the item it runs.
     progress: Option<Arc<Progress<U>>>,
     deadline: Option<Instant>,
+    /// `.retry`: its blocking item timed out and is tried again once the
+    /// call has really returned.
+    retry_on_return: bool,
 }
 
 /// The engine's state, apart from the input and the runner.
@@ -112,6 +118,8 @@ pub(crate) struct Engine<U> {
     keys: Option<Keys>,
     /// With `.adaptive_limit`: what moves the limit.
     limiter: Option<Limiter>,
+    /// With `.retry`: which failures retry, and the items waiting.
+    retry: Option<Retrying<U>>,
 }
 
 /// Where a map is in its life. It moves only forward, through the methods
@@ -156,6 +164,7 @@ impl<U> Engine<U> {
             quick_yields: 0,
             keys: None,
             limiter: None,
+            retry: None,
         }
     }
 
@@ -184,8 +193,8 @@ impl<U> Engine<U> {
     /// `.key_order`: items of one key never run at the same time.
     #[track_caller]
     pub(crate) fn set_key_order(&mut self) {
-        self.options_mut();
-        self.keys = Some(Keys::default());
+        self.options_mut().key_order = true;
+        self.keys.get_or_insert_with(Keys::default);
     }
 
     /// `.adaptive_limit(max)`: the limit moves within `1..=max`, from
@@ -205,8 +214,22 @@ impl<U> Engine<U> {
             .map_or(self.options.limit, Limiter::limit)
     }
 
+    /// `.retry`: failed attempts that `retrying` accepts are tried again.
+    /// Items then wait in the window between attempts, as they wait for
+    /// their key; every item is its own key unless `.key_order` says.
+    #[track_caller]
+    pub(crate) fn set_retry(&mut self, retrying: Retrying<U>) {
+        self.options_mut();
+        self.keys.get_or_insert_with(Keys::default);
+        self.retry = Some(retrying);
+    }
+
+    pub(crate) fn has_retry(&self) -> bool {
+        self.retry.is_some()
+    }
+
     pub(crate) fn has_key_order(&self) -> bool {
-        self.keys.is_some()
+        self.options.key_order
     }
 
     pub(crate) fn counters(&self) -> &Arc<Counters> {
@@ -232,13 +255,18 @@ impl<U> Engine<U> {
                 .adaptive
                 .unwrap_or(self.options.limit)
                 .saturating_mul(2)
-                .saturating_mul(self.sizer.most())
+                .saturating_mul(match self.retry {
+                    // `.retry`: calls of one item each.
+                    Some(_) => 1,
+                    None => self.sizer.most(),
+                })
         })
     }
 
     fn shared(&mut self) -> &Arc<Shared> {
         let options = &self.options;
         let counters = &self.counters;
+        let retry = &self.retry;
         self.shared.get_or_insert_with(|| {
             Shared::new(
                 options.order,
@@ -249,6 +277,7 @@ impl<U> Engine<U> {
                 options.adaptive.is_some(),
                 Arc::clone(counters),
             )
+            .with_kept(retry.as_ref().map(Retrying::kept))
         })
     }
 
@@ -295,6 +324,7 @@ impl<U> Engine<U> {
                 self.take_in(event, is_failure);
             }
             self.expire_deadlines(cx);
+            self.wake_retries(cx);
             if let Some(index) = self.abort_from.take() {
                 runner.abort_from(index);
             }
@@ -421,6 +451,9 @@ impl<U> Engine<U> {
         if let Some(keys) = &mut self.keys {
             keys.clear();
             self.counters.waiting(0);
+        }
+        if let Some(retry) = &mut self.retry {
+            retry.clear();
         }
         self.cancelled = None;
         self.token_watch = None;

@@ -117,6 +117,19 @@ impl Error {
         }
     }
 
+    /// A copy of a timeout or a panic (its message, not its payload), for a
+    /// `.retry` predicate that takes the stream's own error type.
+    pub(crate) fn duplicate(&self) -> Option<Self> {
+        match &self.repr {
+            Repr::Timeout => Some(Error::timeout(self.index)),
+            Repr::Panic { message, .. } => Some(Error::panic(
+                self.index,
+                Box::new(message.clone().unwrap_or_else(|| "a panic".to_owned())),
+            )),
+            Repr::Cancelled => None,
+        }
+    }
+
     pub(crate) fn cancelled(index: usize) -> Self {
         Error {
             index,

@@ -21,14 +21,15 @@ use std::collections::hash_map::{Entry, RandomState};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 use futures::Stream;
 use pin_project_lite::pin_project;
 
 use crate::batch::Batch;
-use crate::error::drop_each;
+use crate::error::{drop_contained, drop_each};
+use crate::retry::{Cut, Kept};
 
 pin_project! {
     /// The map's input: the stream, and with `.key_order` the items pulled
@@ -44,6 +45,9 @@ pin_project! {
             // Waiting items one by one: a panic of their `Drop` is contained.
             if let Some(keyed) = this.project().keyed.as_mut() {
                 drop_each(std::mem::take(&mut keyed.items).into_values());
+                if let Some(kept) = &keyed.kept {
+                    kept.clear();
+                }
             }
         }
     }
@@ -62,10 +66,30 @@ impl<St: Stream> Input<St> {
     }
 
     pub(crate) fn set_key(&mut self, key: KeyFn<St::Item>) {
-        self.keyed = Some(Keyed {
-            key,
+        self.keyed_mut().key = Some(key);
+    }
+
+    /// `.retry`: items are kept while they wait for an attempt or run one
+    /// on a clone, where what makes them unwanted reaches them (returned).
+    pub(crate) fn set_retry(&mut self, clone: fn(&St::Item) -> St::Item) -> Weak<dyn Cut>
+    where
+        St::Item: Send + 'static,
+    {
+        let kept = Arc::new(Kept::new());
+        let keyed = self.keyed_mut();
+        keyed.clone = Some(clone);
+        keyed.kept = Some(Arc::clone(&kept));
+        let kept: Arc<dyn Cut> = kept;
+        Arc::downgrade(&kept)
+    }
+
+    fn keyed_mut(&mut self) -> &mut Keyed<St::Item> {
+        self.keyed.get_or_insert_with(|| Keyed {
+            key: None,
+            clone: None,
+            kept: None,
             items: BTreeMap::new(),
-        });
+        })
     }
 
     pub(crate) fn poll_item(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<St::Item>> {
@@ -83,15 +107,63 @@ impl<St: Stream + std::fmt::Debug> std::fmt::Debug for Input<St> {
     }
 }
 
-/// The key function and the items waiting for their key, by index.
+/// The key function and the items waiting for their key (or for their
+/// next attempt), by index; with `.retry`, also the items whose attempt
+/// runs on a clone.
 pub(crate) struct Keyed<T> {
-    key: KeyFn<T>,
+    /// Without `.key_order` (`.retry` alone) every item is its own key.
+    key: Option<KeyFn<T>>,
+    /// `.retry`: `T::clone`.
+    clone: Option<fn(&T) -> T>,
+    /// `.retry`: the items whose attempt runs on a clone, or that wait for
+    /// the next.
+    kept: Option<Arc<Kept<T>>>,
     items: BTreeMap<usize, T>,
 }
 
 impl<T> Keyed<T> {
-    pub(crate) fn key(&self, item: &T) -> u64 {
-        self.key.key(item)
+    /// The key of item `index`.
+    pub(crate) fn key(&self, index: usize, item: &T) -> u64 {
+        match &self.key {
+            Some(key) => key.key(item),
+            None => index as u64,
+        }
+    }
+
+    /// Item `index` for its next attempt: a clone when another attempt may
+    /// follow (the item itself is kept), else the item itself. `None`: the
+    /// map no longer wants it (dropped already); `Err`: the clone panicked
+    /// (the item is dropped).
+    pub(crate) fn take_attempt(
+        &mut self,
+        index: usize,
+        keep: bool,
+    ) -> Option<Result<T, Box<dyn std::any::Any + Send>>> {
+        let item = match self.items.remove(&index) {
+            Some(item) => item,
+            None => self.kept.as_ref()?.take(index)?,
+        };
+        let (Some(clone), Some(kept), true) = (self.clone, &self.kept, keep) else {
+            return Some(Ok(item));
+        };
+        // Cloned outside the store's lock: `clone` is the user's code.
+        let copy = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| clone(&item)));
+        if copy.is_err() {
+            drop_contained(item);
+        } else if let Some(unwanted) = kept.put(index, item) {
+            drop_contained(unwanted);
+        }
+        Some(copy)
+    }
+
+    /// Item `index` ended for good: what is kept of it goes.
+    pub(crate) fn forget(&mut self, index: usize) {
+        if let Some(item) = self.items.remove(&index) {
+            drop_contained(item);
+        }
+        if let Some(item) = self.kept.as_ref().and_then(|kept| kept.take(index)) {
+            drop_contained(item);
+        }
     }
 
     pub(crate) fn wait(&mut self, index: usize, item: T) {
@@ -107,6 +179,9 @@ impl<T> Keyed<T> {
     /// The items from `index` on will never be mapped (fail-fast).
     pub(crate) fn forget_from(&mut self, index: usize) {
         drop_each(self.items.split_off(&index).into_values());
+        if let Some(kept) = &self.kept {
+            kept.cut_from(index);
+        }
     }
 }
 
@@ -256,6 +331,37 @@ impl Keys {
                 }
             }
         }
+    }
+
+    /// `.retry`: the call `index` (of that one item) failed, and its item
+    /// waits for its next attempt: it waits again, first of its key, whose
+    /// key stays busy (no later item of the key may start), and is not
+    /// ready until [`wake`](Self::wake).
+    pub(crate) fn retry_later(&mut self, index: usize) {
+        let Some(&key) = self.of.get(&index) else {
+            return;
+        };
+        if let Some(entry) = self.keys.get_mut(&key) {
+            entry.waiting.push_front(index);
+            self.waiting += 1;
+        }
+    }
+
+    /// `.retry`: the wait of item `index` is over: it is ready (its key is
+    /// still busy, so it is the only one of its key that is). Returns
+    /// whether it still waited.
+    pub(crate) fn wake(&mut self, index: usize) -> bool {
+        let Some(key) = self.of.get(&index) else {
+            return false;
+        };
+        let waits = self
+            .keys
+            .get(key)
+            .is_some_and(|entry| entry.waiting.front() == Some(&index));
+        if waits && index < self.forgotten_from {
+            self.ready.insert(index);
+        }
+        waits
     }
 
     /// Items pulled and not given to a call.

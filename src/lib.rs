@@ -124,6 +124,7 @@ mod options;
 #[cfg(feature = "process")]
 pub mod process;
 mod reorder;
+mod retry;
 mod sizer;
 mod spawn;
 mod stats;
@@ -138,6 +139,7 @@ pub use current::is_cancelled;
 pub use error::Error;
 pub use ext::ParImapExt;
 pub use init::WithInit;
+pub use retry::Retry;
 pub use stats::{Snapshot, Stats};
 pub use stream::ParImap;
 

@@ -21,6 +21,8 @@ pub(crate) struct Options {
     pub(crate) budget: Option<Arc<Semaphore>>,
     /// Set by `.adaptive_limit(max)`: the limit moves within `1..=max`.
     pub(crate) adaptive: Option<usize>,
+    /// Set by `.key_order`.
+    pub(crate) key_order: bool,
 }
 
 /// Whether results come out in input or in completion order.

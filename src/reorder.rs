@@ -346,6 +346,21 @@ impl<U, R> Reorder<U, R> {
         }
     }
 
+    /// The running one-item `call` will run again later (`.retry`): its
+    /// item waits again. Returns its handle, or `None` if it does not run.
+    pub(crate) fn wait_again(&mut self, call: usize) -> Option<R> {
+        let at = self.position(call)?;
+        let slot = &mut self.slots[at];
+        slot.call = slot.first;
+        match std::mem::replace(&mut slot.state, State::Waiting) {
+            State::Running(running) => Some(running),
+            other => {
+                slot.state = other;
+                None
+            }
+        }
+    }
+
     /// Forgets every call that starts after `index` (fail-fast in input
     /// order); their handles are dropped.
     pub(crate) fn truncate_after(&mut self, index: usize) {

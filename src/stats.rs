@@ -26,6 +26,7 @@ struct EngineCounters {
     pulled: AtomicU64,
     waiting: AtomicU64,
     limit: AtomicU64,
+    retried: AtomicU64,
     failed: AtomicU64,
     yielded: AtomicU64,
 }
@@ -54,9 +55,8 @@ impl Counters {
         bump(&self.engine.0.pulled, items as u64);
     }
 
-    /// A call's first item began: one increment per call, not per item,
-    /// so that short items in a batch do not contend on this line.
-    /// Items pulled and waiting for their key (`.key_order`).
+    /// Items pulled and waiting for their key (`.key_order`) or for their
+    /// next attempt (`.retry`).
     pub(crate) fn waiting(&self, items: usize) {
         self.engine.0.waiting.store(items as u64, Relaxed);
     }
@@ -66,20 +66,27 @@ impl Counters {
         self.engine.0.limit.store(limit as u64, Relaxed);
     }
 
+    /// An attempt after the first started (`.retry`).
+    pub(crate) fn retried(&self) {
+        bump(&self.engine.0.retried, 1);
+    }
+
+    /// A call's first item began: one increment per call, not per item,
+    /// so that short items in a batch do not contend on this line.
     pub(crate) fn call_started(&self) {
         self.calls.0.started.fetch_add(1, Relaxed);
         self.calls.0.running.fetch_add(1, Relaxed);
     }
 
-    /// A call that mapped `items` items ended after `busy`: the rest of its
-    /// items count as started, all of them as completed.
     /// Whether `.stats()` was called: only then do calls count busy time
     /// (an async call reads the clock only then).
     pub(crate) fn is_timing(&self) -> bool {
         self.calls.0.timing.load(Relaxed)
     }
 
-    /// `busy` is `None` for a call that started before `.stats()` was called.
+    /// A call that mapped `items` items ended after `busy`: the rest of its
+    /// items count as started, all of them as completed. `busy` is `None`
+    /// for a call that started before `.stats()` was called.
     pub(crate) fn call_completed(&self, items: usize, busy: Option<Duration>) {
         let calls = &self.calls.0;
         if let Some(busy) = busy {
@@ -188,6 +195,7 @@ impl Stats {
             busy: Duration::from_nanos(counters.busy_nanos.load(Relaxed)),
             waiting: engine.waiting.load(Relaxed),
             limit: engine.limit.load(Relaxed),
+            retried: engine.retried.load(Relaxed),
         }
     }
 }
@@ -235,11 +243,17 @@ pub struct Snapshot {
     /// that, async calls read no clock at all).
     pub busy: Duration,
     /// Items pulled that wait for a call: with
-    /// [`key_order`](crate::ParImap::key_order), items whose key is busy.
-    /// They count in the window, not in `in_flight`, and hold no permit.
+    /// [`key_order`](crate::ParImap::key_order), items whose key is busy;
+    /// with [`retry`](crate::ParImap::retry), items waiting for their next
+    /// attempt. They count in the window, not in `in_flight`, and hold no
+    /// permit.
     pub waiting: u64,
     /// The most mapper calls that may run at once: the map's `limit`, or,
     /// with [`adaptive_limit`](crate::ParImap::adaptive_limit), where the
     /// algorithm has moved it now (never reduced by a shared budget).
     pub limit: u64,
+    /// Attempts after an item's first that started
+    /// ([`retry`](crate::ParImap::retry)); `started` and `completed` count
+    /// every attempt, `failed` the items that failed after their last.
+    pub retried: u64,
 }

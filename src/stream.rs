@@ -15,12 +15,13 @@ use pin_project_lite::pin_project;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Retrying};
 #[cfg(doc)]
 use crate::error::Error;
 use crate::keys::{Input, KeyFn};
 use crate::options::Options;
 use crate::options::Order;
+use crate::retry::Retry;
 use crate::spawn::Spawn;
 use crate::stats::Stats;
 use crate::variant::{Adapting, Batching, Kind, Output};
@@ -91,6 +92,7 @@ where
                     token: None,
                     budget: None,
                     adaptive: None,
+                    key_order: false,
                 },
                 <K::Runner as Spawn<St::Item>>::BATCHES,
             ),
@@ -110,7 +112,8 @@ where
     /// with `batch(k)`, and `2 * limit` for the async variants. So with the
     /// defaults a blocking map of `limit` 4 holds at most 8192 input items
     /// (and their results) pulled and not yet yielded; set a window to hold
-    /// fewer.
+    /// fewer. With [`retry`](ParImap::retry) calls take one item each, and
+    /// the default is `2 * limit`.
     ///
     /// A wider window lets fast items run ahead of a slow one in input order
     /// (more memory, better throughput under skew); `window == limit` lets no
@@ -449,6 +452,105 @@ where
 impl<St, F, K> ParImap<St, F, K>
 where
     St: Stream,
+    St::Item: Clone + Send + 'static,
+    K: Kind<St::Item, F>,
+    K::Error: 'static,
+{
+    /// Tries a failed item again, after a growing, jittered wait, before it
+    /// counts as a failure: for a flaky downstream. See [`Retry`] for what
+    /// retries and how long each wait is.
+    ///
+    /// - Every attempt but the last maps a clone of the item (so the item
+    ///   type must be `Clone`); the last maps the item itself. Every clone
+    ///   is dropped exactly once.
+    /// - A wait between attempts lives in the map, not in a task or a
+    ///   worker: it holds no worker and no permit of a
+    ///   [`semaphore`](ParImap::semaphore), does not count in `in_flight`,
+    ///   and counts in the window and in [`Snapshot::waiting`](crate::Snapshot::waiting).
+    ///   It ends, and its item is dropped, as soon as the map no longer
+    ///   wants the item: the token, a failure that makes the item unwanted,
+    ///   the end or drop of the map (seen at the map's next poll). When a
+    ///   wait ends, the item's next attempt starts before any item with a
+    ///   higher index.
+    /// - [`timeout`](ParImap::timeout) applies to each attempt; no deadline
+    ///   runs during a wait. A timed-out blocking attempt is tried again
+    ///   only once its thread has returned.
+    /// - An item fails (fail-fast or [`keep_going`](ParImap::keep_going))
+    ///   only after its last attempt; with fail-fast in input order, the
+    ///   items before a failed one are still tried again (they are owed).
+    /// - With [`key_order`](ParImap::key_order) the item's key stays busy
+    ///   through its waits: the key's later items wait for its last attempt.
+    /// - Every call maps one item (a retry is a call of its own), so a
+    ///   blocking map's [`batch`](ParImap::batch) size is 1 with `.retry`,
+    ///   and its default window `2 * limit`: it is for items that call
+    ///   something flaky, not for microsecond ones.
+    /// - [`Snapshot`](crate::Snapshot): `started` and `completed` count
+    ///   attempts, `retried` the attempts after the first, `failed` the
+    ///   items that failed after their last. With
+    ///   [`adaptive_limit`](ParImap::adaptive_limit), a failure that is
+    ///   tried again shrinks the limit like a timeout. A trace event per
+    ///   retry names the item and its wait.
+    ///
+    /// # Panics
+    ///
+    /// Panics at the caller's line if the stream was already polled. A
+    /// panic of the item's `clone` is that item's panic error.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::collections::HashSet;
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    /// use futures::{stream, TryStreamExt};
+    /// use par_imap::{ParImapExt, Retry};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), std::io::Error> {
+    /// // A flaky downstream: the first call for every item fails.
+    /// let seen = Arc::new(Mutex::new(HashSet::new()));
+    /// let stats;
+    /// let fetched: Vec<u32> = {
+    ///     let map = stream::iter(0..6_u32)
+    ///         .try_par_imap_async(4, move |n| {
+    ///             let first = seen.lock().unwrap().insert(n);
+    ///             async move {
+    ///                 if first {
+    ///                     Err(std::io::Error::other("503"))
+    ///                 } else {
+    ///                     Ok(n * 10)
+    ///                 }
+    ///             }
+    ///         })
+    ///         .retry(Retry::attempts(3).backoff(Duration::from_millis(100), Duration::from_secs(2)));
+    ///     stats = map.stats();
+    ///     map.try_collect().await?
+    /// };
+    /// assert_eq!(fetched, [0, 10, 20, 30, 40, 50]);
+    /// assert_eq!(stats.snapshot().retried, 6);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn retry(mut self, retry: Retry<K::Error>) -> Self {
+        self.engine.options_mut(); // Panics here once polled.
+        let backoff = retry.backoff_state();
+        let Some(input) = &mut self.input else {
+            return self;
+        };
+        let kept = input.set_retry(<St::Item as Clone>::clone);
+        self.engine.set_retry(Retrying::new(
+            Box::new(move |result| K::is_retryable(result, &retry)),
+            backoff,
+            kept,
+        ));
+        self
+    }
+}
+
+impl<St, F, K> ParImap<St, F, K>
+where
+    St: Stream,
     K: Kind<St::Item, F> + Batching,
 {
     /// Fixes how many items one mapper call takes: up to `k` consecutive
@@ -664,6 +766,7 @@ where
             .field("timeout", &options.timeout)
             .field("keep_going", &options.keep_going)
             .field("key_order", &engine.has_key_order())
+            .field("retry", &engine.has_retry())
             .field("pulled", &pulled)
             .field("yielded", &yielded)
             .field("in_flight", &in_flight)

@@ -10,6 +10,7 @@ use std::marker::PhantomData;
 
 use crate::blocking::{self, Mapper};
 use crate::error::Error;
+use crate::retry::Retry;
 use crate::spawn::Spawn;
 use crate::task::Tasks;
 
@@ -104,6 +105,8 @@ pub trait Kind<T, F> {
     type Runner: Spawn<T>;
     /// What the stream yields.
     type Item;
+    /// The stream's error type: what a `.retry` predicate sees.
+    type Error;
 
     /// The runner for `mapper` with at most `limit` calls at once.
     fn runner(mapper: F, limit: usize) -> Self::Runner;
@@ -113,6 +116,23 @@ pub trait Kind<T, F> {
 
     /// The stream item for this result.
     fn into_item(result: Result<Output<Self, T, F>, Error>) -> Self::Item;
+
+    /// Whether `retry` tries this failed attempt again (`.retry`): an `Err`
+    /// or a timeout, a panic only if it retries panics, never a
+    /// cancellation; and only what its predicate accepts.
+    fn is_retryable(result: &Result<Output<Self, T, F>, Error>, retry: &Retry<Self::Error>)
+    -> bool;
+}
+
+/// Whether a failure of the machinery may be retried, and the error a
+/// predicate of type `E` sees for it.
+fn machinery_retryable<E: From<Error>>(error: &Error, retry: &Retry<E>) -> bool {
+    if error.is_cancelled() || (error.is_panic() && !retry.retries_panics()) {
+        return false;
+    }
+    error
+        .duplicate()
+        .is_some_and(|copy| retry.accepts(&E::from(copy)))
 }
 
 /// The output of one item of kind `K`.
@@ -127,6 +147,7 @@ macro_rules! plain_kind {
         {
             type Runner = <$tag as Runs<T, F>>::Runner;
             type Item = Result<Output<Self, T, F>, Error>;
+            type Error = Error;
 
             fn runner(mapper: F, limit: usize) -> Self::Runner {
                 <$tag as Runs<T, F>>::runner(mapper, limit)
@@ -138,6 +159,16 @@ macro_rules! plain_kind {
 
             fn into_item(result: Result<Output<Self, T, F>, Error>) -> Self::Item {
                 result
+            }
+
+            fn is_retryable(
+                result: &Result<Output<Self, T, F>, Error>,
+                retry: &Retry<Error>,
+            ) -> bool {
+                match result {
+                    Ok(_) => false,
+                    Err(error) => machinery_retryable(error, retry),
+                }
             }
         }
     };
@@ -154,6 +185,7 @@ where
 {
     type Runner = S::Runner;
     type Item = Result<V, E>;
+    type Error = E;
 
     fn runner(mapper: F, limit: usize) -> Self::Runner {
         S::runner(mapper, limit)
@@ -165,6 +197,14 @@ where
 
     fn into_item(result: Result<Result<V, E>, Error>) -> Self::Item {
         result.unwrap_or_else(|error| Err(E::from(error)))
+    }
+
+    fn is_retryable(result: &Result<Result<V, E>, Error>, retry: &Retry<E>) -> bool {
+        match result {
+            Ok(Ok(_)) => false,
+            Ok(Err(error)) => retry.accepts(error),
+            Err(error) => machinery_retryable(error, retry),
+        }
     }
 }
 

@@ -23,6 +23,7 @@ impl<U> Engine<U> {
                 Event::Skipped { call } => {
                     self.in_flight -= 1;
                     self.release_keys(call);
+                    self.ended_for_good(call);
                     // A failure at a lower index, or the end of the map,
                     // explains it; until then its items stay owed.
                     let running = self.calls.skip(call);
@@ -46,6 +47,7 @@ impl<U> Engine<U> {
                     let thief = Running {
                         progress,
                         deadline: None,
+                        retry_on_return: false,
                     };
                     // After a failure below it, the stolen part is not wanted.
                     if self.failed_at().is_some_and(|failed| failed < at) {
@@ -64,10 +66,16 @@ impl<U> Engine<U> {
                     mapped,
                     busy,
                 } => {
-                    self.adapt(busy, results.last(), self.in_flight);
+                    let retries = self.retries(call, &results);
+                    self.adapt(busy, results.last(), retries, self.in_flight);
                     self.in_flight -= 1;
-                    self.release_keys(call);
                     self.sizer.observe(mapped, busy);
+                    if retries {
+                        // Its key stays busy through the wait.
+                        return self.retry_later(call, results);
+                    }
+                    self.release_keys(call);
+                    self.ended_for_good(call);
                     if !self.calls.is_running(call) {
                         // No longer wanted: dropped here, a panic of its
                         // `Drop` contained.
@@ -92,28 +100,43 @@ impl<U> Engine<U> {
 
     /// `.adaptive_limit`: a call that ran for `latency` (from the moment it
     /// held its permit), its last result, and the calls running with it
-    /// move the limit. Timeouts and panics count as drops; an `Err` only by
-    /// its latency.
-    fn adapt(&mut self, latency: Duration, last: Option<&Result<U, Error>>, in_flight: usize) {
+    /// move the limit. Timeouts, panics and failures that `.retry` tries
+    /// again count as drops; another `Err` only by its latency.
+    fn adapt(
+        &mut self,
+        latency: Duration,
+        last: Option<&Result<U, Error>>,
+        retries: bool,
+        in_flight: usize,
+    ) {
         let Some(limiter) = &mut self.limiter else {
             return;
         };
         if latency.is_zero() {
             return; // never started
         }
-        let dropped = last.is_some_and(|result| {
-            result
-                .as_ref()
-                .is_err_and(|e| e.is_timeout() || e.is_panic())
-        });
+        let dropped = retries
+            || last.is_some_and(|result| {
+                result
+                    .as_ref()
+                    .is_err_and(|e| e.is_timeout() || e.is_panic())
+            });
         if let Some(limit) = limiter.observe(latency, dropped, in_flight) {
             self.counters.limit(limit);
             trace::life!("par_imap: limit moved", limit = limit);
         }
     }
 
+    /// `.retry`: the one-item `call` ended for good (not to be tried
+    /// again): what was kept of its item goes.
+    fn ended_for_good(&mut self, call: usize) {
+        if let Some(retry) = &mut self.retry {
+            retry.ended(call);
+        }
+    }
+
     /// The call really ended (`.key_order`): its items' keys are free.
-    fn release_keys(&mut self, call: usize) {
+    pub(super) fn release_keys(&mut self, call: usize) {
         if let Some(keys) = &mut self.keys {
             keys.release(call);
         }

@@ -18,6 +18,7 @@ use crate::error::{Error, drop_contained, drop_each};
 use crate::keys::Input;
 use crate::sizer;
 use crate::spawn::{IsFailure, Spawn};
+use crate::trace;
 
 impl<U> Engine<U> {
     /// Starts calls while the limit and the window have room.
@@ -64,7 +65,7 @@ impl<U> Engine<U> {
             let pieces = self.pieces();
             items.split(first, pieces, |first, piece| {
                 let len = piece.len();
-                let running = self.start(runner, first, piece, is_failure);
+                let running = self.start(runner, first, piece, is_failure, false);
                 self.calls.push(len, running);
             });
         }
@@ -103,7 +104,7 @@ impl<U> Engine<U> {
                 drop_contained(item);
                 continue;
             };
-            match panic::catch_unwind(AssertUnwindSafe(|| keyed.key(&item))) {
+            match panic::catch_unwind(AssertUnwindSafe(|| keyed.key(index, &item))) {
                 Ok(key) => {
                     keys.arrive(index, key);
                     keyed.wait(index, item);
@@ -127,6 +128,7 @@ impl<U> Engine<U> {
         let running = Running {
             progress: None,
             deadline: None,
+            retry_on_return: false,
         };
         if self.calls.start_waiting(index, 1, running).is_err() {
             return drop_contained(payload);
@@ -171,9 +173,19 @@ impl<U> Engine<U> {
             .is_some_and(|keys| keys.forget_from(below))
         {
             keyed.forget_from(below);
+            if let Some(retry) = &mut self.retry {
+                retry.forget_from(below);
+            }
+        }
+        if let Some(retry) = &mut self.retry {
+            for index in retry.take_ended() {
+                keyed.forget(index);
+            }
         }
         while self.can_give(R::BATCHES) {
             let most = match self.options.batch {
+                // `.retry`: a retry is a call of its own, so every call is.
+                _ if self.retry.is_some() => 1,
                 Some(k) => k,
                 None => self
                     .sizer
@@ -189,8 +201,35 @@ impl<U> Engine<U> {
                 break;
             };
             keys.give(first, len);
-            let items = keyed.take(first, len);
-            let running = self.start(runner, first, items, is_failure);
+            let (items, may_retry) = match &mut self.retry {
+                None => (keyed.take(first, len), false),
+                Some(retry) => {
+                    let (attempt, may_retry) = retry.start(first);
+                    if attempt > 1 {
+                        self.counters.retried();
+                        trace::life!("par_imap: attempt", index = first, attempt = attempt);
+                    }
+                    match keyed.take_attempt(first, may_retry) {
+                        Some(Ok(item)) => (Batch::One(item), may_retry),
+                        Some(Err(payload)) => {
+                            // Its clone panicked: that is its panic error.
+                            keyed.forget(first);
+                            self.release_keys(first);
+                            if let Some(retry) = &mut self.retry {
+                                retry.ended(first);
+                            }
+                            self.key_panicked(first, payload, is_failure);
+                            continue;
+                        }
+                        None => {
+                            debug_assert!(false, "item {first} was not kept");
+                            self.release_keys(first);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let running = self.start(runner, first, items, is_failure, may_retry);
             if let Err(running) = self.calls.start_waiting(first, len, running) {
                 // The keys give only items the buffer holds as waiting.
                 debug_assert!(false, "items {first}+{len} did not wait");
@@ -291,6 +330,7 @@ impl<U> Engine<U> {
         first: usize,
         items: Batch<T>,
         is_failure: IsFailure<U>,
+        may_retry: bool,
     ) -> Running<U> {
         // Blocking calls share their progress for the engine to time out an
         // item that hangs; an async call keeps its own deadline.
@@ -305,13 +345,17 @@ impl<U> Engine<U> {
             Batch::One(_) => Duration::ZERO,
         };
         let shared = Arc::clone(self.shared());
-        let call = Call::new(first, shared, progress.clone(), steal_after);
+        let mut call = Call::new(first, shared, progress.clone(), steal_after);
+        if may_retry {
+            call.may_retry();
+        }
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         runner.spawn(runtime, items, call, is_failure);
         self.in_flight += 1;
         Running {
             progress,
             deadline: None,
+            retry_on_return: false,
         }
     }
 }

@@ -106,6 +106,10 @@ impl<U> Engine<U> {
         now: Instant,
         timeout: Duration,
     ) {
+        // `.retry`: tried again once its thread returned; nothing fails now.
+        if earlier.is_empty() && self.retry_on_return(call, index) {
+            return;
+        }
         let timed_out: Result<U, Error> = Err(Error::timeout(index));
         self.observe_failure(index, &timed_out);
         earlier.push(timed_out);
