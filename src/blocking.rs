@@ -387,7 +387,7 @@ where
         }
     }
     call.start();
-    let _span = trace::call_span(first).entered();
+    let _span = trace::call_span(first, call.attempt_number()).entered();
     let current = Current::enter(call);
     let call_ref = &*call;
     let map_one = |index: usize, item: T| {

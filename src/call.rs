@@ -218,6 +218,8 @@ pub struct Call<U> {
     /// `.retry`: its item may be tried again, so a failure does not cut the
     /// map off here; the engine decides when the report comes.
     may_retry: bool,
+    /// `.retry`: which attempt of its item this is (1 for the first).
+    attempt: u32,
 }
 
 impl<U> Call<U> {
@@ -240,12 +242,20 @@ impl<U> Call<U> {
             permit: None,
             steal_after,
             may_retry: false,
+            attempt: 1,
         }
     }
 
-    /// `.retry`: the call's item may be tried again after a failure.
-    pub(crate) fn may_retry(&mut self) {
-        self.may_retry = true;
+    /// Which attempt of its item the call is (1 without `.retry`).
+    pub(crate) fn attempt_number(&self) -> u32 {
+        self.attempt
+    }
+
+    /// `.retry`: the call is attempt `attempt` of its item, and the item
+    /// may be tried again after a failure if `may_retry`.
+    pub(crate) fn attempt(&mut self, attempt: u32, may_retry: bool) {
+        self.attempt = attempt;
+        self.may_retry = may_retry;
     }
 
     /// The call reports on `report` (blocking calls), also when dropped
@@ -311,6 +321,9 @@ impl<U> Call<U> {
     /// the engine hears of it when items have deadlines.
     pub(crate) fn start(&mut self) {
         self.shared.counters.call_started();
+        if self.attempt > 1 {
+            self.shared.counters.retried();
+        }
         self.started = true;
         self.counts_busy = self.shared.counters.is_timing();
         // A blocking call's busy time also sizes the next calls.

@@ -501,6 +501,10 @@ impl<U> Drop for Engine<U> {
         }
         // The results not yielded go now, a panic of their `Drop` contained.
         self.calls.clear();
+        // Nothing waits for a key or an attempt any more.
+        if self.keys.is_some() {
+            self.counters.waiting(0);
+        }
         if self.in_flight > 0 && !self.is_ended() {
             trace::life!(
                 "par_imap: dropped with calls in flight",

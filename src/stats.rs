@@ -26,7 +26,6 @@ struct EngineCounters {
     pulled: AtomicU64,
     waiting: AtomicU64,
     limit: AtomicU64,
-    retried: AtomicU64,
     failed: AtomicU64,
     yielded: AtomicU64,
 }
@@ -36,6 +35,8 @@ struct CallCounters {
     /// Set by the first `.stats()`: from then on calls count their busy time.
     timing: AtomicBool,
     started: AtomicU64,
+    /// Attempts after an item's first that started (`.retry`).
+    retried: AtomicU64,
     /// Calls running now: one up at a call's start, one down at its end,
     /// so that `in_flight` never counts a call twice, not even while a
     /// batch's items are being counted.
@@ -68,7 +69,7 @@ impl Counters {
 
     /// An attempt after the first started (`.retry`).
     pub(crate) fn retried(&self) {
-        bump(&self.engine.0.retried, 1);
+        self.calls.0.retried.fetch_add(1, Relaxed);
     }
 
     /// A call's first item began: one increment per call, not per item,
@@ -195,7 +196,7 @@ impl Stats {
             busy: Duration::from_nanos(counters.busy_nanos.load(Relaxed)),
             waiting: engine.waiting.load(Relaxed),
             limit: engine.limit.load(Relaxed),
-            retried: engine.retried.load(Relaxed),
+            retried: counters.retried.load(Relaxed),
         }
     }
 }

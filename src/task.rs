@@ -106,6 +106,7 @@ where
     ) {
         let mapper = Arc::clone(&self.mapper);
         let first = call.first();
+        let attempt = call.attempt_number();
         let item = match items {
             Batch::One(item) => item,
             // `BATCHES` is false: the engine's sizer is fixed at one item,
@@ -187,7 +188,7 @@ where
             }
             call.finish_one(result)
         };
-        let handle = runtime.spawn(trace::instrument(trace::call_span(first), task));
+        let handle = runtime.spawn(trace::instrument(trace::call_span(first, attempt), task));
         self.running.push(Report {
             call: first,
             handle,

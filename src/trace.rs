@@ -19,14 +19,15 @@ impl Span {
     }
 }
 
-/// The span of the mapper call over the items from `index` on.
+/// The span of the mapper call over the items from `index` on; `attempt`
+/// is its item's attempt (`.retry`; 1 otherwise).
 #[cfg(feature = "tracing")]
-pub(crate) fn call_span(index: usize) -> Span {
-    tracing::trace_span!("par_imap.call", index)
+pub(crate) fn call_span(index: usize, attempt: u32) -> Span {
+    tracing::trace_span!("par_imap.call", index, attempt)
 }
 
 #[cfg(not(feature = "tracing"))]
-pub(crate) fn call_span(_index: usize) -> Span {
+pub(crate) fn call_span(_index: usize, _attempt: u32) -> Span {
     Span
 }
 

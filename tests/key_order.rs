@@ -372,7 +372,8 @@ async fn key_order_after_the_first_poll_panics() {
     assert!(late.is_err());
 }
 
-/// Dropping the map while items wait for their key drops them at once.
+/// Dropping the map while items wait for their key drops them at once,
+/// and `Snapshot::waiting` falls to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_order_drop_drops_waiting_items() {
     let (gates, calls) = (Gates::default(), Calls::default());
@@ -397,6 +398,11 @@ async fn key_order_drop_drops_waiting_items() {
     }
     drop(map);
     assert_eq!(tracker.alive(), 1, "only the running item is alive");
+    assert_eq!(
+        stats.snapshot().waiting,
+        0,
+        "nothing waits in a dropped map"
+    );
     gates.open(0);
     tracker.wait_all_dropped();
 }

@@ -105,7 +105,7 @@ fn spans_per_call_and_events_for_the_maps_life() {
         assert_eq!(
             calls
                 .iter()
-                .filter(|line| line.ends_with(&format!("index={index}")))
+                .filter(|line| line.ends_with(&format!("index={index} attempt=1")))
                 .count(),
             2
         );
@@ -130,6 +130,33 @@ fn spans_per_call_and_events_for_the_maps_life() {
         ),
         "{lines:#?}"
     );
+
+    // A retry: its wait, and its second attempt's span.
+    runtime.block_on(async {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let out: Vec<u32> = stream::iter([7_u32])
+            .try_par_imap_async(1, move |n: u32| {
+                let fail = first.swap(false, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if fail {
+                        Err(std::io::Error::other("flaky"))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .retry(par_imap::Retry::<std::io::Error>::attempts(2).jitter(false))
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(out, [7]);
+    });
+    let lines = recorder.take();
+    assert!(
+        has(&lines, "message=par_imap: retry index=0 delay_ms=0"),
+        "{lines:#?}"
+    );
+    assert!(has(&lines, "index=0 attempt=2"), "{lines:#?}");
 
     // A cancellation, and a drop with calls in flight.
     runtime.block_on(async {

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use super::retries::Retries;
 use super::{Engine, Phase, Running};
 use crate::batch::{Batch, Results};
 use crate::call::Event;
@@ -67,15 +68,20 @@ impl<U> Engine<U> {
                     busy,
                 } => {
                     let retries = self.retries(call, &results);
-                    self.adapt(busy, results.last(), retries, self.in_flight);
+                    self.adapt(busy, results.last(), retries != Retries::No, self.in_flight);
                     self.in_flight -= 1;
                     self.sizer.observe(mapped, busy);
-                    if retries {
+                    if retries == Retries::Yes {
                         // Its key stays busy through the wait.
                         return self.retry_later(call, results);
                     }
                     self.release_keys(call);
                     self.ended_for_good(call);
+                    if retries == Retries::Unwanted {
+                        drop_each(results);
+                        let running = self.calls.skip(call);
+                        return self.disarm(call, running);
+                    }
                     if !self.calls.is_running(call) {
                         // No longer wanted: dropped here, a panic of its
                         // `Drop` contained.

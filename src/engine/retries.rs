@@ -20,6 +20,17 @@ use crate::error::{Error, drop_each};
 use crate::retry::{Backoff, Cut};
 use crate::trace;
 
+/// What becomes of a failed attempt that may be tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Retries {
+    /// Not a failure that retries: the attempt's result is the item's.
+    No,
+    /// Tried again after its backoff.
+    Yes,
+    /// It would be, but the map no longer wants the item.
+    Unwanted,
+}
+
 /// Whether a failed attempt is tried again, by the stream's policy.
 pub(crate) type Retryable<U> = Box<dyn Fn(&Result<U, Error>) -> bool + Send + Sync>;
 
@@ -87,22 +98,28 @@ impl<U> fmt::Debug for Retrying<U> {
 
 impl<U> Engine<U> {
     /// Whether the one-item `call`, whose attempt ended with `results`, is
-    /// tried again: its failure retries, it has an attempt left, and the
-    /// map still wants it.
-    pub(super) fn retries(&mut self, call: usize, results: &Results<U>) -> bool {
+    /// tried again: its failure retries and it has an attempt left. Such a
+    /// failure is never the item's result: when the map no longer wants
+    /// the item, the attempt brings nothing (`Unwanted`), like a call that
+    /// never ran; a failure elsewhere, or the end of the map, explains it.
+    pub(super) fn retries(&mut self, call: usize, results: &Results<U>) -> Retries {
         let Some(retry) = &self.retry else {
-            return false;
+            return Retries::No;
         };
         let wanted = self
             .shared
             .as_ref()
             .is_none_or(|shared| !shared.is_cut_off(call));
         let Some((running, _)) = self.calls.running(call) else {
-            return false;
+            return Retries::No;
         };
         let failed = running.retry_on_return
             || (results.len() == 1 && results.last().is_some_and(|last| (retry.retryable)(last)));
-        wanted && failed && retry.backoff.has_attempt_left(call)
+        match (failed && retry.backoff.has_attempt_left(call), wanted) {
+            (false, _) => Retries::No,
+            (true, true) => Retries::Yes,
+            (true, false) => Retries::Unwanted,
+        }
     }
 
     /// The blocking item `index` of `call` timed out: if the timeout

@@ -65,7 +65,7 @@ impl<U> Engine<U> {
             let pieces = self.pieces();
             items.split(first, pieces, |first, piece| {
                 let len = piece.len();
-                let running = self.start(runner, first, piece, is_failure, false);
+                let running = self.start(runner, first, piece, is_failure, None);
                 self.calls.push(len, running);
             });
         }
@@ -201,16 +201,15 @@ impl<U> Engine<U> {
                 break;
             };
             keys.give(first, len);
-            let (items, may_retry) = match &mut self.retry {
-                None => (keyed.take(first, len), false),
+            let (items, attempt) = match &mut self.retry {
+                None => (keyed.take(first, len), None),
                 Some(retry) => {
                     let (attempt, may_retry) = retry.start(first);
                     if attempt > 1 {
-                        self.counters.retried();
                         trace::life!("par_imap: attempt", index = first, attempt = attempt);
                     }
                     match keyed.take_attempt(first, may_retry) {
-                        Some(Ok(item)) => (Batch::One(item), may_retry),
+                        Some(Ok(item)) => (Batch::One(item), Some((attempt, may_retry))),
                         Some(Err(payload)) => {
                             // Its clone panicked: that is its panic error.
                             keyed.forget(first);
@@ -222,14 +221,20 @@ impl<U> Engine<U> {
                             continue;
                         }
                         None => {
-                            debug_assert!(false, "item {first} was not kept");
+                            // The cutoff fell below it since `below` was
+                            // read (a failure on a worker, the token): it
+                            // was dropped there, and its slot goes with the
+                            // failure or the end of the map.
                             self.release_keys(first);
+                            if let Some(retry) = &mut self.retry {
+                                retry.ended(first);
+                            }
                             continue;
                         }
                     }
                 }
             };
-            let running = self.start(runner, first, items, is_failure, may_retry);
+            let running = self.start(runner, first, items, is_failure, attempt);
             if let Err(running) = self.calls.start_waiting(first, len, running) {
                 // The keys give only items the buffer holds as waiting.
                 debug_assert!(false, "items {first}+{len} did not wait");
@@ -330,7 +335,7 @@ impl<U> Engine<U> {
         first: usize,
         items: Batch<T>,
         is_failure: IsFailure<U>,
-        may_retry: bool,
+        attempt: Option<(u32, bool)>,
     ) -> Running<U> {
         // Blocking calls share their progress for the engine to time out an
         // item that hangs; an async call keeps its own deadline.
@@ -346,8 +351,8 @@ impl<U> Engine<U> {
         };
         let shared = Arc::clone(self.shared());
         let mut call = Call::new(first, shared, progress.clone(), steal_after);
-        if may_retry {
-            call.may_retry();
+        if let Some((attempt, may_retry)) = attempt {
+            call.attempt(attempt, may_retry);
         }
         let runtime = self.runtime.get_or_insert_with(Handle::current);
         runner.spawn(runtime, items, call, is_failure);
