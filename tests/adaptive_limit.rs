@@ -142,6 +142,38 @@ async fn timeouts_shrink_the_adaptive_limit() {
     );
 }
 
+/// `Err`s that a `.retry` predicate accepts shrink the limit like
+/// timeouts; other `Err`s count only by their latency.
+#[tokio::test(start_paused = true)]
+async fn errors_that_retry_shrink_the_adaptive_limit_and_others_do_not() {
+    async fn run(retried: bool) -> u64 {
+        let results = stream::iter(0..400_u64)
+            .try_par_imap_async(64, |n| async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Every call fails; the predicate says whether it retries.
+                Err::<u64, _>(anyhow::anyhow!("item {n}: 503"))
+            })
+            .adaptive_limit(64)
+            .retry(
+                par_imap::Retry::<anyhow::Error>::attempts(2)
+                    .when(move |_| retried)
+                    .jitter(false),
+            )
+            .keep_going();
+        let stats = results.stats();
+        let all: Vec<_> = results.collect().await;
+        assert!(all.iter().all(Result::is_err));
+        stats.snapshot().limit
+    }
+    let (with, without) = (run(true).await, run(false).await);
+    // Half the calls (the first attempts) are drops: it stays low.
+    assert!(with <= 16, "failures that retry: limit {with}");
+    assert!(
+        without >= 32,
+        "steady latency lets it grow: limit {without}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_shared_budget_caps_the_calls_but_not_the_adaptive_limit() {
     let budget = Arc::new(Semaphore::new(2));

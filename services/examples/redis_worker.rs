@@ -20,6 +20,12 @@
 //! panic) does not stop the consumer: with `.keep_going()` its error is
 //! recorded as its result (field `error`) and the job is acknowledged.
 //!
+//! A job marked flaky (field `flaky`: N) stands for a call to a downstream
+//! that fails now and then: its first N attempts in this worker fail with
+//! an `Err`, and `.retry` tries it again after a growing, jittered wait (up
+//! to 5 attempts; panics are not retried). Its result records how many
+//! attempts it took (field `attempts`).
+//!
 //! Jobs of one key (field `key`, say a customer; a job without one is its
 //! own key) never run at the same time in one worker, and run in the order
 //! it read them (`.key_order`); jobs of other keys run beside them. Each
@@ -37,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
-use par_imap::ParImapExt;
+use par_imap::{ParImapExt, Retry};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use sha2::{Digest, Sha256};
@@ -56,19 +62,61 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// A job as read: its stream id, its payload, and its place in this
 /// consumer's reading order.
+#[derive(Clone)]
 struct Job {
     id: String,
     /// The job's key: its field `key`, or else its id.
     key: String,
     payload: Vec<u8>,
     seq: u64,
+    /// Its first `flaky` attempts fail (field `flaky`, default 0).
+    flaky: u32,
 }
 
-/// A job's digest, and when it started and ended, in µs since `since`.
+/// A job's digest, when its last attempt started and ended (µs since
+/// `since`), and how many attempts it took.
 struct Done {
     digest: String,
     started: u128,
     ended: u128,
+    attempts: u32,
+}
+
+/// A downstream that fails now and then: the first `job.flaky` calls for a
+/// job fail. Counted per worker.
+#[derive(Clone, Default)]
+struct Downstream {
+    calls: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A failure worth trying again.
+#[derive(Debug)]
+struct Flaky;
+
+impl std::fmt::Display for Flaky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the downstream failed; try again")
+    }
+}
+
+impl std::error::Error for Flaky {}
+
+impl Downstream {
+    /// Calls the downstream for `job`: its attempt number, or `Flaky`.
+    fn call(&self, job: &Job) -> Result<u32, Flaky> {
+        let mut calls = self
+            .calls
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let made = calls.entry(job.id.clone()).or_default();
+        *made += 1;
+        let attempt = *made;
+        if attempt <= job.flaky {
+            return Err(Flaky);
+        }
+        calls.remove(&job.id);
+        Ok(attempt)
+    }
 }
 
 /// The CPU-bound work: SHA-256 of the payload, `rounds` times over.
@@ -149,8 +197,10 @@ impl Reader {
                             self.seq += 1;
                             let payload: Vec<u8> = entry.get("payload").unwrap_or_default();
                             let key: Option<String> = entry.get("key");
+                            let flaky: Option<String> = entry.get("flaky");
                             Job {
                                 key: key.unwrap_or_else(|| entry.id.clone()),
+                                flaky: flaky.and_then(|n| n.parse().ok()).unwrap_or(0),
                                 id: entry.id,
                                 payload,
                                 seq: self.seq,
@@ -218,6 +268,7 @@ fn record(
             fields.insert("digest", done.digest);
             fields.insert("started_us", done.started.to_string());
             fields.insert("ended_us", done.ended.to_string());
+            fields.insert("attempts", done.attempts.to_string());
         }
         Err(error) => {
             fields.insert("error", error);
@@ -284,17 +335,28 @@ async fn main() -> anyhow::Result<()> {
         .inspect(move |job| pulled.push(job))
         .boxed();
     let since = Instant::now();
+    let downstream = Downstream::default();
     let results = jobs
-        .par_imap(limit, move |job: Job| {
+        .try_par_imap(limit, move |job: Job| -> anyhow::Result<Done> {
             let started = since.elapsed().as_micros();
             assert!(!job.payload.starts_with(b"poison"), "a poisoned job");
+            let attempts = downstream.call(&job)?;
             let digest = digest(&job.payload, rounds);
-            Done {
+            Ok(Done {
                 digest,
                 started,
                 ended: since.elapsed().as_micros(),
-            }
+                attempts,
+            })
         })
+        // A flaky downstream is tried again, a poisoned job is not: up to 5
+        // attempts, waits from 20 ms doubling to at most 1 s, jittered. The
+        // job's key stays busy meanwhile; no thread waits.
+        .retry(
+            Retry::attempts(5)
+                .backoff(Duration::from_millis(20), Duration::from_secs(1))
+                .when(|error: &anyhow::Error| error.is::<Flaky>()),
+        )
         // Jobs of one key one after another, in read order.
         .key_order(|job: &Job| job.key.clone())
         .cancel_token(cancel.clone())
@@ -314,7 +376,13 @@ async fn main() -> anyhow::Result<()> {
                     done += 1;
                 }
                 // A cancellation may name a job never read: nothing to pop.
-                Err(error) if error.is_cancelled() => stop = true,
+                Err(error)
+                    if error
+                        .downcast_ref::<par_imap::Error>()
+                        .is_some_and(par_imap::Error::is_cancelled) =>
+                {
+                    stop = true
+                }
                 // A failed job (a panic in the mapper): its error is its
                 // result, and the job is acknowledged like any other.
                 Err(error) => {

@@ -85,6 +85,17 @@ struct Entry {
     seq: u64,
     /// When the job started and ended in its worker (µs), unless it failed.
     span: Option<(u64, u64)>,
+    /// How many attempts it took, unless it failed.
+    attempts: Option<u32>,
+}
+
+/// How many times job `n` fails at the downstream before it succeeds.
+fn flaky(n: usize) -> u32 {
+    if n % 97 == 5 {
+        1 + (n / 97 % 3) as u32
+    } else {
+        0
+    }
 }
 
 async fn entries(redis: &mut MultiplexedConnection) -> Vec<Entry> {
@@ -106,6 +117,8 @@ async fn entries(redis: &mut MultiplexedConnection) -> Vec<Entry> {
                 worker: entry.get("worker").unwrap(),
                 seq: entry.get::<String>("seq").unwrap().parse().unwrap(),
                 span: (!failed).then(|| (micros("started_us"), micros("ended_us"))),
+                attempts: (!failed)
+                    .then(|| entry.get::<String>("attempts").unwrap().parse().unwrap()),
             }
         })
         .collect()
@@ -170,6 +183,10 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
                 // 40 keys: jobs of one key must not overlap in a worker.
                 .arg("key")
                 .arg(format!("customer-{}", n % 40))
+                // Every 97th job fails 1 to 3 times at the downstream: the
+                // worker retries it, with backoff, until it succeeds.
+                .arg("flaky")
+                .arg(flaky(*n).to_string())
                 .arg("payload")
                 // Every 1000th job makes the mapper panic: the worker
                 // records its failure and goes on.
@@ -303,7 +320,20 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
     // (worker, key) → (read order, started, ended) of each job.
     type Spans = HashMap<(String, String), Vec<(u64, u64, u64)>>;
     let mut spans = Spans::new();
+    // Flaky jobs succeeded after exactly their failures plus one attempts
+    // (counted in the worker that wrote the result); the others at once.
+    let number: HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (id.as_str(), n))
+        .collect();
+    let mut retried = 0;
     for entry in entries(&mut redis).await {
+        if let Some(attempts) = entry.attempts {
+            let expected = flaky(number[entry.job.as_str()]) + 1;
+            assert_eq!(attempts, expected, "job {}: its attempts", entry.job);
+            retried += usize::from(expected > 1);
+        }
         if let Some((started, ended)) = entry.span {
             spans
                 .entry((entry.worker, entry.key))
@@ -312,6 +342,7 @@ async fn consumer_group_of_three_loses_nothing_when_one_is_killed() {
         }
     }
     assert!(spans.len() >= 40, "every key ran: {}", spans.len());
+    assert!(retried >= 200, "flaky jobs were retried: {retried}");
     for ((worker, key), jobs) in &mut spans {
         jobs.sort_unstable();
         for pair in jobs.windows(2) {
