@@ -5,6 +5,7 @@
 //! cargo run --release -p par-imap-bench --example compare            # everything, about 4 minutes
 //! cargo run --release -p par-imap-bench --example compare -- quick   # fewer items, a smoke run
 //! cargo run --release -p par-imap-bench --example compare -- keyed-async 7   # .key_order on async items
+//! cargo run --release -p par-imap-bench --example compare -- cpu [PATH]      # the CPU table and its plot (target/compare-cpu.svg)
 //! ```
 //!
 //! CPU-bound work is a xorshift loop (no memory traffic), calibrated at start
@@ -19,6 +20,9 @@ use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 
 use par_imap_bench::{LIMIT, rayon_sum, runtime, work};
+
+/// Where the plot of the CPU-bound table goes, unless `compare cpu PATH`.
+const SVG: &str = "target/compare-cpu.svg";
 
 /// Rounds of `work` that take about `micros` µs here.
 fn calibrate(micros: f64) -> u64 {
@@ -58,7 +62,7 @@ struct Row {
     rates: Vec<f64>,
 }
 
-fn cpu_table(quick: bool) {
+fn cpu_table(quick: bool, svg: &str) {
     let rt = runtime();
     let workloads: Vec<(&str, f64, u64, usize)> = vec![
         // (label, µs per item, items, batch of the tuned row)
@@ -189,6 +193,101 @@ fn cpu_table(quick: bool) {
         "\n`par_imap, defaults` is `par_imap({LIMIT}, f)` and nothing else; the tuned row \
          adds `.batch(256)` at ~0.15 and ~1.6 µs, `.batch(16)` at ~16 and ~165 µs.\n"
     );
+    let micros: Vec<f64> = workloads.iter().map(|&(_, micros, ..)| micros).collect();
+    // The peers a reader compares: serial, rayon, pariter, par-stream, the
+    // hand-written idiom and par_imap's defaults.
+    let drawn: Vec<&Row> = [0, 1, 2, 3, 5, 6].iter().map(|&row| &rows[row]).collect();
+    match std::fs::write(svg, speedup_svg(&micros, &drawn)) {
+        Ok(()) => println!("The plot of these figures: `{svg}`.\n"),
+        Err(error) => eprintln!("could not write {svg}: {error}"),
+    }
+}
+
+/// An SVG of each row's speed-up over the serial loop (the first row)
+/// against the work per item (log scale), written by hand: no plotting
+/// crate for six polylines.
+fn speedup_svg(micros: &[f64], rows: &[&Row]) -> String {
+    use std::fmt::Write;
+    let (width, height, left, right, top, bottom) = (720.0, 400.0, 56.0, 200.0, 40.0, 48.0);
+    let (plot_w, plot_h) = (width - left - right, height - top - bottom);
+    let (low, high) = (micros[0].log10(), micros[micros.len() - 1].log10());
+    let x = |m: f64| left + (m.log10() - low) / (high - low) * plot_w;
+    let top_speedup = (LIMIT as f64 + 0.2).max(
+        rows.iter()
+            .flat_map(|row| row.rates.iter().zip(&rows[0].rates).map(|(r, s)| r / s))
+            .fold(0.0, f64::max),
+    );
+    let y = |speedup: f64| top + plot_h - speedup / top_speedup * plot_h;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{left}" y="20">Speed-up over a serial loop, limit {LIMIT} ({LIMIT} cores), against the work per item</text>"#
+    );
+    let (x0, y0, x1) = (left, top + plot_h, left + plot_w);
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="black"/>"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{top}" stroke="black"/>"#
+    );
+    for &m in micros {
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{m} µs</text>"#,
+            x(m),
+            y0 + 16.0
+        );
+    }
+    let mut tick = 0.0;
+    while tick <= top_speedup {
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{tick:.1}×</text><line x1="{x0}" y1="{:.1}" x2="{x1}" y2="{:.1}" stroke="lightgray"/>"#,
+            x0 - 6.0,
+            y(tick) + 4.0,
+            y(tick),
+            y(tick)
+        );
+        tick += 0.5;
+    }
+    let colors = [
+        "gray",
+        "black",
+        "darkorange",
+        "seagreen",
+        "purple",
+        "steelblue",
+    ];
+    for (n, row) in rows.iter().enumerate() {
+        let color = colors[n % colors.len()];
+        let points: Vec<String> = micros
+            .iter()
+            .zip(row.rates.iter().zip(&rows[0].rates))
+            .map(|(&m, (rate, serial))| format!("{:.1},{:.1}", x(m), y(rate / serial)))
+            .collect();
+        let stroke = if n + 1 == rows.len() { 3 } else { 2 };
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="{stroke}" points="{}"/>"#,
+            points.join(" ")
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" fill="{color}">{}</text>"#,
+            x1 + 10.0,
+            top + 16.0 + 18.0 * n as f64,
+            row.name.trim_matches('*')
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
 
 /// 200 000 items of ~0.15 µs, then 300 of ~1.6 ms: the defaults must size
@@ -743,6 +842,13 @@ fn main() {
         println!("{:.1}", start.elapsed().as_secs_f64() * 1e3);
         return;
     }
+    if let [mode, rest @ ..] = args.as_slice()
+        && mode == "cpu"
+    {
+        // The CPU-bound table alone, and its plot (default path below).
+        cpu_table(false, rest.first().map_or(SVG, String::as_str));
+        return;
+    }
     if args.first().is_some_and(|arg| arg == "skew") {
         skew_table(false);
         return;
@@ -753,7 +859,7 @@ fn main() {
     }
     let quick = args.first().is_some_and(|arg| arg == "quick");
     let start = Instant::now();
-    cpu_table(quick);
+    cpu_table(quick, SVG);
     phase_change_table(quick);
     async_table(quick);
     first_result_table();
