@@ -395,16 +395,17 @@ where
         // this item's panic, like one of the mapper's.
         let result = panic::catch_unwind(AssertUnwindSafe(|| crew.mapper.call(item)))
             .map_err(|payload| Error::panic(index, payload));
-        if is_failure(&result) {
+        if is_failure(&result) && call_ref.cuts_off(&result) {
             call_ref.failed_at(index);
         }
         result
     };
     // With deadlines the result goes to the progress, which turns it into a
-    // timeout if the item ran past its deadline.
+    // timeout if the item ran past its deadline. An item that `.retry` may
+    // try again was judged by `map_one`; its timeout, by the engine.
     let settle =
         |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
-            if progress.end(index, result) {
+            if progress.end(index, result) && !call_ref.may_retry() {
                 call_ref.failed_at(index);
             }
         };

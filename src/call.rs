@@ -3,6 +3,7 @@
 //! makes, and the ticket that makes them exactly once.
 #![allow(unreachable_pub)]
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, Results};
 use crate::deadline::Progress;
+use crate::engine::Retryable;
 use crate::error::{Error, drop_contained, drop_each};
 use crate::options::Order;
 use crate::retry::Cut;
@@ -161,6 +163,9 @@ pub enum Event<U> {
         /// How many items the call mapped, in how long: for batch sizing.
         mapped: usize,
         busy: Duration,
+        /// `.retry`: what the policy said of its failed item, if the call
+        /// asked (so the user's predicate sees each failure once).
+        accepted: Option<bool>,
     },
     /// An idle worker took from the running `call` (see
     /// [`steal`](crate::steal)) its `results` so far, from index `done` on
@@ -215,9 +220,12 @@ pub struct Call<U> {
     /// A call of several items: after running this long, idle workers may
     /// take the items it has not started.
     steal_after: Duration,
-    /// `.retry`: its item may be tried again, so a failure does not cut the
-    /// map off here; the engine decides when the report comes.
-    may_retry: bool,
+    /// `.retry`: its item may be tried again, so a failure that the policy
+    /// retries does not cut the map off here; the engine decides when the
+    /// report comes.
+    may_retry: Option<Retryable<U>>,
+    /// What `may_retry` said of the call's failed item.
+    accepted: Cell<Option<bool>>,
     /// `.retry`: which attempt of its item this is (1 for the first).
     attempt: u32,
 }
@@ -241,7 +249,8 @@ impl<U> Call<U> {
             counts_busy: false,
             permit: None,
             steal_after,
-            may_retry: false,
+            may_retry: None,
+            accepted: Cell::new(None),
             attempt: 1,
         }
     }
@@ -252,10 +261,28 @@ impl<U> Call<U> {
     }
 
     /// `.retry`: the call is attempt `attempt` of its item, and the item
-    /// may be tried again after a failure if `may_retry`.
-    pub(crate) fn attempt(&mut self, attempt: u32, may_retry: bool) {
+    /// may be tried again after a failure that `may_retry` accepts.
+    pub(crate) fn attempt(&mut self, attempt: u32, may_retry: Option<Retryable<U>>) {
         self.attempt = attempt;
         self.may_retry = may_retry;
+    }
+
+    /// Whether `.retry` may try the call's item again.
+    pub(crate) fn may_retry(&self) -> bool {
+        self.may_retry.is_some()
+    }
+
+    /// Whether the failed `result` cuts the map off now: unless `.retry`
+    /// will try it again (a panic of the predicate: it does not).
+    pub(crate) fn cuts_off(&self, result: &Result<U, Error>) -> bool {
+        let Some(retryable) = &self.may_retry else {
+            return true;
+        };
+        // A panic of the predicate: not retried; the engine asks again and
+        // makes it the item's panic error.
+        let accepted = retryable.accepts(result).ok();
+        self.accepted.set(accepted);
+        !accepted.unwrap_or(false)
     }
 
     /// The call reports on `report` (blocking calls), also when dropped
@@ -309,12 +336,8 @@ impl<U> Call<U> {
 
     /// Item `index` of this call failed. Set at once, from the worker, so a
     /// call queued behind this one does not start before the engine hears.
-    /// An item that may be tried again cuts nothing off: the engine decides
-    /// when the report comes.
     pub(crate) fn failed_at(&self, index: usize) {
-        if !self.may_retry {
-            self.shared.failed_at(index);
-        }
+        self.shared.failed_at(index);
     }
 
     /// Marks the moment the mapper starts: busy time counts from here, and
@@ -398,6 +421,7 @@ impl<U> Call<U> {
             results,
             mapped,
             busy,
+            accepted: self.accepted.take(),
         }
     }
 
@@ -445,6 +469,7 @@ impl<U> Event<U> {
             results: Batch::One(Err(error)),
             mapped: 0,
             busy: Duration::ZERO,
+            accepted: None,
         }
     }
 }

@@ -81,6 +81,15 @@ impl Deadlines {
         self.pending.remove(&(at, call));
     }
 
+    /// Forgets the deadlines of the calls from `index` on.
+    pub(crate) fn forget_from(&mut self, index: usize) {
+        self.pending.retain(|&(_, call)| call < index);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// The next deadline that has passed, if any (removed); otherwise arms
     /// the timer for the earliest.
     pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Due {

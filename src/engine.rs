@@ -53,7 +53,7 @@ mod retries;
 mod start;
 mod timeouts;
 
-pub(crate) use retries::Retrying;
+pub(crate) use retries::{Retryable, Retrying};
 
 /// Results of one batch handed out in a row without looking at reports,
 /// deadlines or new calls.
@@ -363,7 +363,8 @@ impl<U> Engine<U> {
     /// What the first poll sets up: the check that a timeout has a timer to
     /// run on, the state shared with the calls, and the token's watch.
     fn first_poll(&mut self) {
-        if self.options.timeout.is_some() {
+        if self.options.timeout.is_some() || self.retry.as_ref().is_some_and(Retrying::needs_timer)
+        {
             // Without the runtime's time driver this panics now, naming
             // `enable_time`, for every kind alike, rather than later inside
             // a call or a deadline.

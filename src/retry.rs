@@ -8,18 +8,17 @@
 //! stays busy. When its timer fires it becomes ready again, and the engine
 //! gives it to a call of its own before any item with a higher index.
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::future::Future;
 use std::hash::BuildHasher;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Context;
 use std::time::Duration;
 
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
+use crate::deadline::{Deadlines, Due, RuntimeGone};
 use crate::error::{Error, drop_each};
 
 /// A `.when` predicate.
@@ -174,9 +173,7 @@ impl<E> Retry<E> {
                 .jitter
                 .then(|| RandomState::new().hash_one(0x5eed_u64) | 1),
             made: HashMap::new(),
-            waits: BTreeSet::new(),
-            sleep: None,
-            armed: None,
+            waits: Deadlines::default(),
         }
     }
 }
@@ -302,10 +299,9 @@ pub(crate) struct Backoff {
     /// ended for good.
     made: HashMap<usize, u32>,
     /// The items waiting for their next attempt, by when it may start.
-    waits: BTreeSet<(Instant, usize)>,
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// When `sleep` fires.
-    armed: Option<Instant>,
+    /// The same timer as the per-item deadlines: safe to poll after its
+    /// runtime shut down.
+    waits: Deadlines,
 }
 
 impl Backoff {
@@ -333,10 +329,7 @@ impl Backoff {
     /// Forgets every item from `index` on (fail-fast).
     pub(crate) fn forget_from(&mut self, index: usize) {
         self.made.retain(|&at, _| at < index);
-        let later = self.waits.iter().filter(|&&(_, at)| at >= index).copied();
-        for wait in later.collect::<Vec<_>>() {
-            self.waits.remove(&wait);
-        }
+        self.waits.forget_from(index);
     }
 
     /// Item `index` failed its attempt and waits for the next: returns the
@@ -357,7 +350,7 @@ impl Backoff {
             None => nominal,
         };
         if let Some(at) = Instant::now().checked_add(delay) {
-            self.waits.insert((at, index));
+            self.waits.insert(at, index);
         }
         delay
     }
@@ -367,49 +360,33 @@ impl Backoff {
         self.waits.is_empty()
     }
 
+    /// Whether a wait may need the runtime's timer (checked at the first
+    /// poll, like `.timeout`).
+    pub(crate) fn needs_timer(&self) -> bool {
+        !self.max.is_zero()
+    }
+
     /// The items whose wait is over, lowest index first; arms the timer for
-    /// the next wait, so the map is woken when it ends.
-    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Vec<usize> {
-        let now = Instant::now();
+    /// the next wait, so the map is woken when it ends. `Err`: the timer's
+    /// runtime has shut down.
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> Result<Vec<usize>, RuntimeGone> {
         let mut due = Vec::new();
-        while let Some(&(at, index)) = self.waits.first() {
-            if at > now {
-                break;
+        loop {
+            match self.waits.poll_due(cx) {
+                Due::Call(_, index) => due.push(index),
+                Due::Nothing => break,
+                Due::RuntimeGone => return Err(RuntimeGone),
             }
-            self.waits.pop_first();
-            due.push(index);
         }
+        self.waits.arm(cx)?;
         due.sort_unstable();
-        match self.waits.first() {
-            None => {
-                self.sleep = None;
-                self.armed = None;
-            }
-            Some(&(at, _)) => {
-                if self.armed != Some(at) {
-                    match &mut self.sleep {
-                        Some(sleep) => sleep.as_mut().reset(at),
-                        None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
-                    }
-                    self.armed = Some(at);
-                }
-                if let Some(sleep) = &mut self.sleep {
-                    // Ready means due now: the next poll takes it.
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        cx.waker().wake_by_ref();
-                    }
-                }
-            }
-        }
-        due
+        Ok(due)
     }
 
     /// Forgets every wait: the map ended.
     pub(crate) fn clear(&mut self) {
         self.made.clear();
         self.waits.clear();
-        self.sleep = None;
-        self.armed = None;
     }
 }
 

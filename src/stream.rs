@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, Retrying};
+use crate::engine::{Engine, Retryable, Retrying};
 #[cfg(doc)]
 use crate::error::Error;
 use crate::keys::{Input, KeyFn};
@@ -469,7 +469,7 @@ where
     ///   and counts in the window and in [`Snapshot::waiting`](crate::Snapshot::waiting).
     ///   It ends, and its item is dropped, as soon as the map no longer
     ///   wants the item: the token, a failure that makes the item unwanted,
-    ///   the end or drop of the map (seen at the map's next poll). When a
+    ///   the end or drop of the map, polled or not. When a
     ///   wait ends, the item's next attempt starts before any item with a
     ///   higher index.
     /// - [`timeout`](ParImap::timeout) applies to each attempt; no deadline
@@ -494,7 +494,11 @@ where
     /// # Panics
     ///
     /// Panics at the caller's line if the stream was already polled. A
-    /// panic of the item's `clone` is that item's panic error.
+    /// panic of the item's `clone`, or of the `.when` predicate, is that
+    /// item's panic error (not tried again); a backoff on a runtime without
+    /// a time driver panics at the first poll, naming `enable_time`, like
+    /// [`timeout`](ParImap::timeout). A runtime that shuts down during a
+    /// wait ends the map with a cancellation error.
     ///
     /// # Examples
     ///
@@ -540,7 +544,7 @@ where
         };
         let kept = input.set_retry(<St::Item as Clone>::clone);
         self.engine.set_retry(Retrying::new(
-            Box::new(move |result| K::is_retryable(result, &retry)),
+            Retryable::new(Arc::new(move |result| K::is_retryable(result, &retry))),
             backoff,
             kept,
         ));

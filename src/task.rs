@@ -183,7 +183,7 @@ where
                     }
                 }
             };
-            if is_failure(&result) {
+            if is_failure(&result) && call.cuts_off(&result) {
                 call.failed_at(first);
             }
             call.finish_one(result)

@@ -187,6 +187,15 @@ where
     panic!("never happened: {what}");
 }
 
+/// Awaits `future`, failing (not hanging) if it takes longer than `bound`:
+/// in paused time a deadlocked map has no timer left, so the clock jumps
+/// to this one at once.
+async fn bounded<T>(what: &str, bound: Duration, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(bound, future)
+        .await
+        .unwrap_or_else(|_| panic!("hung: {what}"))
+}
+
 #[tokio::test(start_paused = true)]
 async fn retry_turns_flaky_errors_into_results_in_input_order_async() {
     for unordered in [false, true] {
@@ -1025,7 +1034,9 @@ async fn retry_key_stays_busy_through_the_backoff_async() {
     .await;
     assert_eq!(attempts.of(1), 0, "key 'a' is busy through item 0's wait");
     assert_eq!(stats.snapshot().in_flight, 0);
-    let out: Vec<usize> = map.try_collect().await.unwrap();
+    let out: Vec<usize> = bounded("the map to end", HOUR, map.try_collect())
+        .await
+        .unwrap();
     assert_eq!(out, [0, 1, 2]);
     let order = attempts.order();
     let at = |attempt| order.iter().position(|&seen| seen == attempt).unwrap();
@@ -1040,7 +1051,7 @@ async fn retry_key_stays_busy_through_the_backoff_blocking() {
     let attempts = Attempts::default();
     let seen = attempts.clone();
     let items = [(0, 'a'), (1, 'a'), (2, 'b')];
-    let out: Vec<usize> = stream::iter(items)
+    let map = stream::iter(items)
         .try_par_imap(3, move |(n, _key): (usize, char)| {
             let attempt = seen.start(n);
             record.lock().unwrap().push((n, attempt, "start"));
@@ -1054,8 +1065,8 @@ async fn retry_key_stays_busy_through_the_backoff_blocking() {
         })
         .key_order(|&(_, key)| key)
         // Real time: a free key would let item 1 start well within it.
-        .retry(Retry::attempts(2).backoff(ms(30), ms(30)).jitter(false))
-        .try_collect()
+        .retry(Retry::attempts(2).backoff(ms(30), ms(30)).jitter(false));
+    let out: Vec<usize> = bounded("the map to end", common::hang(), map.try_collect())
         .await
         .unwrap();
     assert_eq!(out, [0, 1, 2]);

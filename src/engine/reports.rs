@@ -63,11 +63,12 @@ impl<U> Engine<U> {
                 Event::Finished {
                     call,
                     first,
-                    results,
+                    mut results,
                     mapped,
                     busy,
+                    accepted,
                 } => {
-                    let retries = self.retries(call, &results);
+                    let retries = self.retries(call, &mut results, accepted);
                     self.adapt(busy, results.last(), retries != Retries::No, self.in_flight);
                     self.in_flight -= 1;
                     self.sizer.observe(mapped, busy);

@@ -11,12 +11,13 @@
 //! for good, and what was kept of it is dropped.
 
 use std::fmt;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::task::Context;
 
-use super::Engine;
+use super::{Engine, Phase};
+use crate::batch::Batch;
 use crate::batch::Results;
-use crate::error::{Error, drop_each};
+use crate::error::{Error, drop_contained, drop_each};
 use crate::retry::{Backoff, Cut};
 use crate::trace;
 
@@ -32,7 +33,38 @@ pub(super) enum Retries {
 }
 
 /// Whether a failed attempt is tried again, by the stream's policy.
-pub(crate) type Retryable<U> = Box<dyn Fn(&Result<U, Error>) -> bool + Send + Sync>;
+/// Shared with the calls, which ask it before a failure cuts the map off.
+pub(crate) struct Retryable<U>(Arc<RetryableFn<U>>);
+
+type RetryableFn<U> = dyn Fn(&Result<U, Error>) -> bool + Send + Sync;
+
+impl<U> Retryable<U> {
+    pub(crate) fn new(retryable: Arc<RetryableFn<U>>) -> Self {
+        Retryable(retryable)
+    }
+
+    /// Whether the policy tries `result` again; `Err` with the payload when
+    /// the user's predicate panicked (contained: never out of `poll_next`
+    /// or a worker).
+    pub(crate) fn accepts(
+        &self,
+        result: &Result<U, Error>,
+    ) -> Result<bool, Box<dyn std::any::Any + Send>> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.0)(result)))
+    }
+}
+
+impl<U> Clone for Retryable<U> {
+    fn clone(&self) -> Self {
+        Retryable(Arc::clone(&self.0))
+    }
+}
+
+impl<U> fmt::Debug for Retryable<U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Retryable")
+    }
+}
 
 /// The engine's retry state.
 pub(crate) struct Retrying<U> {
@@ -82,6 +114,16 @@ impl<U> Retrying<U> {
         self.backoff.forget_from(index);
     }
 
+    /// The policy, for a call whose item may be tried again.
+    pub(super) fn retryable(&self) -> Retryable<U> {
+        self.retryable.clone()
+    }
+
+    /// Whether a wait may need the runtime's timer.
+    pub(super) fn needs_timer(&self) -> bool {
+        self.backoff.needs_timer()
+    }
+
     pub(super) fn clear(&mut self) {
         self.backoff.clear();
         self.ended.clear();
@@ -102,7 +144,16 @@ impl<U> Engine<U> {
     /// failure is never the item's result: when the map no longer wants
     /// the item, the attempt brings nothing (`Unwanted`), like a call that
     /// never ran; a failure elsewhere, or the end of the map, explains it.
-    pub(super) fn retries(&mut self, call: usize, results: &Results<U>) -> Retries {
+    ///
+    /// A panic of the predicate is the item's panic error (in `results`),
+    /// not tried again.
+    /// `accepted`: what the call's worker already learnt from the policy.
+    pub(super) fn retries(
+        &mut self,
+        call: usize,
+        results: &mut Results<U>,
+        accepted: Option<bool>,
+    ) -> Retries {
         let Some(retry) = &self.retry else {
             return Retries::No;
         };
@@ -113,8 +164,21 @@ impl<U> Engine<U> {
         let Some((running, _)) = self.calls.running(call) else {
             return Retries::No;
         };
-        let failed = running.retry_on_return
-            || (results.len() == 1 && results.last().is_some_and(|last| (retry.retryable)(last)));
+        let accepted = match (accepted, results.last()) {
+            (Some(accepted), _) => Ok(accepted),
+            (None, Some(last)) if results.len() == 1 => retry.retryable.accepts(last),
+            _ => Ok(false),
+        };
+        let failed = match accepted {
+            Ok(accepted) => running.retry_on_return || accepted,
+            Err(payload) => {
+                drop_each(std::mem::replace(
+                    results,
+                    Batch::One(Err(Error::panic(call, payload))),
+                ));
+                return Retries::No;
+            }
+        };
         match (failed && retry.backoff.has_attempt_left(call), wanted) {
             (false, _) => Retries::No,
             (true, true) => Retries::Yes,
@@ -129,9 +193,18 @@ impl<U> Engine<U> {
         let Some(retry) = &self.retry else {
             return false;
         };
-        let timed_out = Err(Error::timeout(index));
-        if call != index || !retry.backoff.has_attempt_left(index) || !(retry.retryable)(&timed_out)
-        {
+        if call != index {
+            return false;
+        }
+        let accepted = match retry.retryable.accepts(&Err(Error::timeout(index))) {
+            Ok(accepted) => accepted,
+            Err(payload) => {
+                // The timeout stays the item's failure.
+                drop_contained(payload);
+                false
+            }
+        };
+        if !accepted || !retry.backoff.has_attempt_left(index) {
             return false;
         }
         match self.calls.running(call) {
@@ -171,7 +244,12 @@ impl<U> Engine<U> {
         if retry.backoff.is_idle() {
             return;
         }
-        for index in retry.backoff.poll_due(cx) {
+        let Ok(due) = retry.backoff.poll_due(cx) else {
+            // Its runtime shut down: the map is cancelled under it.
+            self.phase = Phase::CancelledUnder;
+            return;
+        };
+        for index in due {
             if let Some(keys) = &mut self.keys {
                 keys.wake(index);
             }

@@ -14,6 +14,7 @@ use super::{Engine, Phase, Running};
 use crate::batch::Batch;
 use crate::call::Call;
 use crate::deadline::Progress;
+use crate::engine::Retryable;
 use crate::error::{Error, drop_contained, drop_each};
 use crate::keys::Input;
 use crate::sizer;
@@ -209,7 +210,10 @@ impl<U> Engine<U> {
                         trace::life!("par_imap: attempt", index = first, attempt = attempt);
                     }
                     match keyed.take_attempt(first, may_retry) {
-                        Some(Ok(item)) => (Batch::One(item), Some((attempt, may_retry))),
+                        Some(Ok(item)) => (
+                            Batch::One(item),
+                            Some((attempt, may_retry.then(|| retry.retryable()))),
+                        ),
                         Some(Err(payload)) => {
                             // Its clone panicked: that is its panic error.
                             keyed.forget(first);
@@ -263,8 +267,10 @@ impl<U> Engine<U> {
 
     fn most_in_flight(&self, batches: bool) -> usize {
         // Blocking calls: one queued behind each running one, so a worker
-        // never waits for the consumer to hand it the next call.
-        if batches {
+        // never waits for the consumer to hand it the next call. Not with
+        // `.retry`: a retry whose wait ended must start before any item
+        // with a higher index, not behind one queued meanwhile.
+        if batches && self.retry.is_none() {
             self.limit().saturating_mul(2)
         } else {
             self.limit()
@@ -335,7 +341,7 @@ impl<U> Engine<U> {
         first: usize,
         items: Batch<T>,
         is_failure: IsFailure<U>,
-        attempt: Option<(u32, bool)>,
+        attempt: Option<(u32, Option<Retryable<U>>)>,
     ) -> Running<U> {
         // Blocking calls share their progress for the engine to time out an
         // item that hangs; an async call keeps its own deadline.
