@@ -333,7 +333,8 @@ impl Backoff {
     }
 
     /// Item `index` failed its attempt and waits for the next: returns the
-    /// wait (`None` past the clock's range: it waits until forgotten).
+    /// wait (one past the clock's range arms no timer: the item waits until
+    /// it is forgotten).
     pub(crate) fn wait(&mut self, index: usize) -> Duration {
         let made = self.made.get(&index).copied().unwrap_or(1);
         // `initial * 2^(made - 1)`, capped: at most ~100 doublings before
@@ -414,11 +415,6 @@ mod tests {
             .backoff(Duration::from_millis(10), Duration::from_millis(40))
             .jitter(false)
             .backoff_state();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let _guard = rt.enter();
         let mut waits = Vec::new();
         for _ in 0..5 {
             assert!(backoff.start(7).1);
@@ -455,11 +451,6 @@ mod tests {
             .backoff(Duration::MAX, Duration::MAX)
             .jitter(false)
             .backoff_state();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let _guard = rt.enter();
         backoff.start(0);
         assert_eq!(backoff.wait(0), Duration::MAX);
         assert!(backoff.is_idle(), "no timer past the clock's range");

@@ -23,7 +23,6 @@ impl<U> Engine<U> {
                 Event::Started { call } => self.arm(call, None),
                 Event::Skipped { call } => {
                     self.in_flight -= 1;
-                    self.release_keys(call);
                     self.ended_for_good(call);
                     // A failure at a lower index, or the end of the map,
                     // explains it; until then its items stay owed.
@@ -76,7 +75,6 @@ impl<U> Engine<U> {
                         // Its key stays busy through the wait.
                         return self.retry_later(call, results);
                     }
-                    self.release_keys(call);
                     self.ended_for_good(call);
                     if retries == Retries::Unwanted {
                         drop_each(results);
@@ -134,18 +132,15 @@ impl<U> Engine<U> {
         }
     }
 
-    /// `.retry`: the one-item `call` ended for good (not to be tried
-    /// again): what was kept of its item goes.
-    fn ended_for_good(&mut self, call: usize) {
-        if let Some(retry) = &mut self.retry {
-            retry.ended(call);
-        }
-    }
-
-    /// The call really ended (`.key_order`): its items' keys are free.
-    pub(super) fn release_keys(&mut self, call: usize) {
+    /// The call ended for good (not to be tried again): its items' keys
+    /// are free (`.key_order`), and with `.retry` what was kept of its one
+    /// item goes.
+    pub(super) fn ended_for_good(&mut self, call: usize) {
         if let Some(keys) = &mut self.keys {
             keys.release(call);
+        }
+        if let Some(retry) = &mut self.retry {
+            retry.ended(call);
         }
     }
 

@@ -145,9 +145,9 @@ impl<U> Engine<U> {
     /// the item, the attempt brings nothing (`Unwanted`), like a call that
     /// never ran; a failure elsewhere, or the end of the map, explains it.
     ///
-    /// A panic of the predicate is the item's panic error (in `results`),
-    /// not tried again.
-    /// `accepted`: what the call's worker already learnt from the policy.
+    /// `accepted` is what the call's worker already learnt from the policy
+    /// (so the user's predicate sees each failure once). A panic of the
+    /// predicate is the item's panic error (in `results`), not tried again.
     pub(super) fn retries(
         &mut self,
         call: usize,
@@ -224,8 +224,8 @@ impl<U> Engine<U> {
         self.disarm(call, running);
         if let Some(keys) = &mut self.keys {
             keys.retry_later(call);
-            self.counters.waiting(keys.waiting());
         }
+        self.count_waiting();
         if let Some(retry) = &mut self.retry {
             let delay = retry.backoff.wait(call);
             trace::life!(

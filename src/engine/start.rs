@@ -215,12 +215,9 @@ impl<U> Engine<U> {
                             Some((attempt, may_retry.then(|| retry.retryable()))),
                         ),
                         Some(Err(payload)) => {
-                            // Its clone panicked: that is its panic error.
-                            keyed.forget(first);
-                            self.release_keys(first);
-                            if let Some(retry) = &mut self.retry {
-                                retry.ended(first);
-                            }
+                            // Its clone panicked (the item is dropped): that
+                            // is its panic error.
+                            self.ended_for_good(first);
                             self.key_panicked(first, payload, is_failure);
                             continue;
                         }
@@ -229,10 +226,7 @@ impl<U> Engine<U> {
                             // read (a failure on a worker, the token): it
                             // was dropped there, and its slot goes with the
                             // failure or the end of the map.
-                            self.release_keys(first);
-                            if let Some(retry) = &mut self.retry {
-                                retry.ended(first);
-                            }
+                            self.ended_for_good(first);
                             continue;
                         }
                     }
@@ -248,7 +242,7 @@ impl<U> Engine<U> {
         self.count_waiting();
     }
 
-    fn count_waiting(&self) {
+    pub(super) fn count_waiting(&self) {
         if let Some(keys) = &self.keys {
             self.counters.waiting(keys.waiting());
         }
