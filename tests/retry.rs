@@ -8,183 +8,25 @@
 //! attempt but the last maps a clone; every value is dropped exactly once.
 //! Time is paused wherever there is a backoff, so every run is the same.
 mod common;
+#[path = "common/retrying.rs"]
+mod retrying;
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::{ParImapExt, Retry};
+use retrying::{Attempts, Counted, Counts, HOUR, ms, pending_until};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// The attempts every item made, in the order they started.
-#[derive(Clone, Default)]
-struct Attempts {
-    log: Arc<Mutex<Vec<(usize, u32, Duration)>>>,
-    failures: Arc<AtomicU64>,
-    start: Arc<Mutex<Option<Instant>>>,
-}
-
-impl Attempts {
-    /// Item `n` starts an attempt: logs it with the (paused) time since the
-    /// first attempt of the map, and returns its number (1 for the first).
-    fn start(&self, n: usize) -> u32 {
-        let now = Instant::now();
-        let since = now - *self.start.lock().unwrap().get_or_insert(now);
-        let mut log = self.log.lock().unwrap();
-        let attempt = log.iter().filter(|&&(i, _, _)| i == n).count() as u32 + 1;
-        log.push((n, attempt, since));
-        attempt
-    }
-
-    /// Counts a failed attempt; returns `fail`.
-    fn failed(&self, fail: bool) -> bool {
-        if fail {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-        }
-        fail
-    }
-
-    fn failures(&self) -> u64 {
-        self.failures.load(Ordering::SeqCst)
-    }
-
-    /// How many attempts item `n` made.
-    fn of(&self, n: usize) -> u32 {
-        let log = self.log.lock().unwrap();
-        log.iter().filter(|&&(i, _, _)| i == n).count() as u32
-    }
-
-    /// `(item, attempt)` in the order the attempts started.
-    fn order(&self) -> Vec<(usize, u32)> {
-        let log = self.log.lock().unwrap();
-        log.iter().map(|&(i, a, _)| (i, a)).collect()
-    }
-
-    /// When each attempt of item `n` started.
-    fn times(&self, n: usize) -> Vec<Duration> {
-        let log = self.log.lock().unwrap();
-        log.iter()
-            .filter(|&&(i, _, _)| i == n)
-            .map(|&(_, _, at)| at)
-            .collect()
-    }
-
-    /// The waits between the attempts of item `n`.
-    fn gaps(&self, n: usize) -> Vec<Duration> {
-        self.times(n)
-            .windows(2)
-            .map(|pair| pair[1] - pair[0])
-            .collect()
-    }
-}
 
 /// The flaky downstream: attempt `attempt` of item `n` fails on the first
 /// attempt of every third item and on the second of every ninth.
 fn flaky(n: usize, attempt: u32) -> bool {
     (attempt == 1 && n % 3 == 0) || (attempt == 2 && n % 9 == 0)
-}
-
-/// Counts the values created (originals and clones) and dropped.
-#[derive(Default)]
-struct Counts {
-    created: AtomicUsize,
-    clones: AtomicUsize,
-    dropped: AtomicUsize,
-}
-
-impl Counts {
-    fn item(self: &Arc<Self>, value: usize) -> Counted {
-        self.created.fetch_add(1, Ordering::SeqCst);
-        Counted {
-            value,
-            original: true,
-            counts: self.clone(),
-        }
-    }
-
-    fn alive(&self) -> usize {
-        let created = self.created.load(Ordering::SeqCst);
-        let dropped = self.dropped.load(Ordering::SeqCst);
-        assert!(dropped <= created, "a value dropped twice");
-        created - dropped
-    }
-
-    fn clones(&self) -> usize {
-        self.clones.load(Ordering::SeqCst)
-    }
-
-    /// Every value created was dropped exactly once (bounded wait, letting
-    /// the runtime run: blocking calls drop their item when they end).
-    async fn all_dropped(&self) {
-        common::eventually_async("every value to be dropped", || self.alive() == 0).await;
-        assert_eq!(
-            self.created.load(Ordering::SeqCst),
-            self.dropped.load(Ordering::SeqCst)
-        );
-    }
-}
-
-/// An input item that is `Clone`, knows whether it is the original, and
-/// counts its drops.
-#[derive(Debug)]
-struct Counted {
-    value: usize,
-    original: bool,
-    counts: Arc<Counts>,
-}
-
-impl Clone for Counted {
-    fn clone(&self) -> Self {
-        self.counts.created.fetch_add(1, Ordering::SeqCst);
-        self.counts.clones.fetch_add(1, Ordering::SeqCst);
-        Counted {
-            value: self.value,
-            original: false,
-            counts: self.counts.clone(),
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.counts.dropped.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-impl std::fmt::Debug for Counts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Counts").finish_non_exhaustive()
-    }
-}
-
-/// Polls `map` (which must stay pending) and lets the runtime's other tasks
-/// run until `condition` holds. Paused time does not move meanwhile: a
-/// yield never lets the clock auto-advance.
-async fn pending_until<S>(map: &mut S, what: &str, condition: impl Fn() -> bool)
-where
-    S: Stream + Unpin,
-    S::Item: std::fmt::Debug,
-{
-    for _ in 0..10_000 {
-        if condition() {
-            return;
-        }
-        if let std::task::Poll::Ready(item) = futures::poll!(map.next()) {
-            panic!("the map yielded {item:?} while waiting for: {what}");
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("never happened: {what}");
 }
 
 /// Awaits `future`, failing (not hanging) if it takes longer than `bound`:

@@ -3,6 +3,8 @@
 //! during a backoff, consumers that stop polling, items whose `Clone` or
 //! `Drop` panics, huge backoffs, and the map's own polls during a wait.
 mod common;
+#[path = "common/retrying.rs"]
+mod retrying;
 
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use par_imap::{ParImapExt, Retry};
+use retrying::{Attempts, Counted, Counts, HOUR, ms, pending_until};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -20,137 +23,6 @@ use tokio_util::sync::CancellationToken;
 /// An item's index and its value, or its error's index and whether it
 /// is a panic.
 type Outcome = (usize, Result<usize, (usize, bool)>);
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Counts the values created (originals and clones) and dropped.
-#[derive(Default, Debug)]
-struct Counts {
-    created: AtomicUsize,
-    clones: AtomicUsize,
-    dropped: AtomicUsize,
-    /// The most values alive at once, as seen when one was created.
-    peak: AtomicUsize,
-    /// `(value, n)`: the `n`th clone (from 0) of item `value` panics.
-    clone_panics: Mutex<Vec<(usize, usize)>>,
-    /// Clones made of each item.
-    clones_of: Mutex<std::collections::HashMap<usize, usize>>,
-    /// Originals panic in their `Drop`.
-    drop_panics: AtomicBool,
-}
-
-impl Counts {
-    fn new() -> Arc<Self> {
-        Arc::new(Counts::default())
-    }
-
-    fn created(&self) {
-        let created = self.created.fetch_add(1, Ordering::SeqCst) + 1;
-        let alive = created - self.dropped.load(Ordering::SeqCst);
-        self.peak.fetch_max(alive, Ordering::SeqCst);
-    }
-
-    fn item(self: &Arc<Self>, value: usize) -> Counted {
-        self.created();
-        Counted {
-            value,
-            original: true,
-            counts: self.clone(),
-        }
-    }
-
-    fn alive(&self) -> usize {
-        let created = self.created.load(Ordering::SeqCst);
-        let dropped = self.dropped.load(Ordering::SeqCst);
-        assert!(dropped <= created, "a value dropped twice");
-        created - dropped
-    }
-
-    fn clones(&self) -> usize {
-        self.clones.load(Ordering::SeqCst)
-    }
-
-    async fn all_dropped(&self) {
-        common::eventually_async("every value to be dropped", || self.alive() == 0).await;
-        assert_eq!(
-            self.created.load(Ordering::SeqCst),
-            self.dropped.load(Ordering::SeqCst)
-        );
-    }
-}
-
-/// An input item that is `Clone`, knows whether it is the original, and
-/// counts its drops; its `Clone` and its `Drop` may be told to panic.
-#[derive(Debug)]
-struct Counted {
-    value: usize,
-    original: bool,
-    counts: Arc<Counts>,
-}
-
-impl Clone for Counted {
-    fn clone(&self) -> Self {
-        self.counts.clones.fetch_add(1, Ordering::SeqCst);
-        let nth = {
-            let mut of = self.counts.clones_of.lock().unwrap();
-            let nth = of.entry(self.value).or_insert(0);
-            *nth += 1;
-            *nth - 1
-        };
-        if self
-            .counts
-            .clone_panics
-            .lock()
-            .unwrap()
-            .contains(&(self.value, nth))
-        {
-            panic!("clone {nth} of item {} panics", self.value);
-        }
-        self.counts.created();
-        Counted {
-            value: self.value,
-            original: false,
-            counts: self.counts.clone(),
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.counts.dropped.fetch_add(1, Ordering::SeqCst);
-        if self.original && self.counts.drop_panics.load(Ordering::SeqCst) {
-            panic!("drop of item {} panics", self.value);
-        }
-    }
-}
-
-/// The attempts every item made, in order.
-#[derive(Clone, Default)]
-struct Attempts {
-    log: Arc<Mutex<Vec<(usize, u32)>>>,
-}
-
-impl Attempts {
-    fn start(&self, n: usize) -> u32 {
-        let mut log = self.log.lock().unwrap();
-        let attempt = log.iter().filter(|&&(i, _)| i == n).count() as u32 + 1;
-        log.push((n, attempt));
-        attempt
-    }
-
-    fn of(&self, n: usize) -> u32 {
-        let log = self.log.lock().unwrap();
-        log.iter().filter(|&&(i, _)| i == n).count() as u32
-    }
-
-    fn total(&self) -> usize {
-        self.log.lock().unwrap().len()
-    }
-}
 
 /// A stream that counts how often it is polled.
 struct CountPolls<S> {
@@ -165,25 +37,6 @@ impl<S: Stream + Unpin> Stream for CountPolls<S> {
         self.polls.fetch_add(1, Ordering::SeqCst);
         self.inner.poll_next_unpin(cx)
     }
-}
-
-/// Polls `map` (which must stay pending) and lets the runtime's other tasks
-/// run until `condition` holds (paused time does not move meanwhile).
-async fn pending_until<S>(map: &mut S, what: &str, condition: impl Fn() -> bool)
-where
-    S: Stream + Unpin,
-    S::Item: std::fmt::Debug,
-{
-    for _ in 0..10_000 {
-        if condition() {
-            return;
-        }
-        if let Poll::Ready(item) = futures::poll!(map.next()) {
-            panic!("the map yielded {item:?} while waiting for: {what}");
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("never happened: {what}");
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -1179,7 +1032,7 @@ async fn retry_blocking_a_due_retry_starts_before_a_higher_item_queued_during_it
     gates.open(1);
     let out = collect.await.unwrap().unwrap();
     assert_eq!(out, [0, 1, 2, 3]);
-    let order = attempts.log.lock().unwrap().clone();
+    let order = attempts.order();
     let at = |item: (usize, u32)| order.iter().position(|&x| x == item).unwrap();
     assert!(
         at((0, 2)) < at((2, 1)),
