@@ -1,6 +1,5 @@
 //! The items of one mapper call, or its results: one (the common case,
 //! without an allocation) or several (a batch).
-#![allow(unreachable_pub)]
 
 use crate::error::Error;
 

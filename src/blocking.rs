@@ -1,6 +1,5 @@
 //! Blocking calls: the mapper, the job that maps one call's items on a
 //! worker thread, and the runner that feeds the [`workers`](crate::workers).
-#![allow(unreachable_pub)]
 
 use std::fmt;
 use std::future::Future;
@@ -180,7 +179,7 @@ where
 
 /// What the workers of one map share: the mapper, and the calls of several
 /// items running now, open to idle workers (work stealing).
-pub struct Crew<T, F: Mapper<T>> {
+pub(crate) struct Crew<T, F: Mapper<T>> {
     mapper: F,
     open: Mutex<OpenCalls<T, F::Output>>,
     /// Where a thief's call reports.
@@ -233,7 +232,7 @@ impl<T, F: Mapper<T>> Drop for Listed<'_, T, F> {
 }
 
 /// One call on a worker: its items, its ticket, and what counts as a failure.
-pub struct BlockingJob<T, F: Mapper<T>> {
+pub(crate) struct BlockingJob<T, F: Mapper<T>> {
     items: Batch<T>,
     call: Call<F::Output>,
     is_failure: IsFailure<F::Output>,

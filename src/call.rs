@@ -1,7 +1,6 @@
 //! One mapper call as the engine sees it: what the engine and its calls
 //! share (the cutoff, the one "still wanted?" rule), the reports a call
 //! makes, and the ticket that makes them exactly once.
-#![allow(unreachable_pub)]
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,7 +4,6 @@
 //!
 //! The traits are `pub` inside a private module: the public stream type
 //! names them in its bounds, yet no user can name or implement them.
-#![allow(unreachable_pub)]
 
 use std::task::{Context, Poll};
 
@@ -15,7 +14,7 @@ use crate::call::{Call, Event};
 use crate::error::Error;
 
 /// Whether a result fails the map; it depends on the variant (`try_` or not).
-pub type IsFailure<U> = fn(&Result<U, Error>) -> bool;
+pub(crate) type IsFailure<U> = fn(&Result<U, Error>) -> bool;
 
 /// What runs the mapper calls of one map, owned by its stream.
 pub trait Spawn<T>: Send {

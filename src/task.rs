@@ -1,6 +1,5 @@
 //! Async calls: each call one tokio task, whose join handle brings its
 //! report back and aborts it when the map no longer wants it.
-#![allow(unreachable_pub)]
 
 use std::fmt;
 use std::future::Future;

@@ -2,7 +2,6 @@
 //! (public as `par_imap::kind`), and what each tag means:
 //! which runner runs the calls, which outputs fail the map, what the
 //! stream yields, and whether calls take batches.
-#![allow(unreachable_pub)]
 
 use std::fmt;
 use std::future::Future;
@@ -100,6 +99,14 @@ where
 
 /// What a variant's output means: which outputs fail the map, and what the
 /// stream yields for it.
+///
+/// Sealed: it is `pub` because [`ParImap`](crate::ParImap)'s impls name it
+/// in their bounds, but it lives in this private module, so no code outside
+/// the crate can name it, let alone implement it. The four tags above are
+/// its only implementors, and a new method here breaks no user. The same
+/// holds for [`Runs`], [`Spawn`] and [`Mapper`]: `unreachable_pub` counts
+/// them reachable through those bounds, and everything the engine uses
+/// only inside the crate is `pub(crate)`.
 pub trait Kind<T, F> {
     /// What runs the calls.
     type Runner: Spawn<T>;
@@ -136,7 +143,7 @@ fn machinery_retryable<E: From<Error>>(error: &Error, retry: &Retry<E>) -> bool 
 }
 
 /// The output of one item of kind `K`.
-pub type Output<K, T, F> = <<K as Kind<T, F>>::Runner as Spawn<T>>::Output;
+pub(crate) type Output<K, T, F> = <<K as Kind<T, F>>::Runner as Spawn<T>>::Output;
 
 /// Plain variants: every value is a success; only the machinery fails.
 macro_rules! plain_kind {

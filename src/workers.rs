@@ -41,7 +41,6 @@
 //!
 //! The types are `pub` inside this private module, like the other seams,
 //! because `Spawn::Runner` (a public trait's associated type) names them.
-#![allow(unreachable_pub)]
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -57,7 +56,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 mod loom_model;
 
 /// One unit of work for the pool.
-pub trait Job: Send + Sized + 'static {
+pub(crate) trait Job: Send + Sized + 'static {
     /// What every job of one pool shares (e.g. the mapper).
     type Crew: Send + Sync + 'static;
 
@@ -78,7 +77,7 @@ pub trait Job: Send + Sized + 'static {
 
 /// What an idle worker finds to steal.
 #[derive(Debug)]
-pub enum Steal<J> {
+pub(crate) enum Steal<J> {
     /// A job to run now.
     Job(J),
     /// Nothing yet; something may be taken from this moment on.
@@ -89,7 +88,7 @@ pub enum Steal<J> {
 
 /// The workers of one map, owned by its stream. Dropping it closes the
 /// pool (see [`Workers::close`]).
-pub struct Workers<J: Job> {
+pub(crate) struct Workers<J: Job> {
     pool: Arc<Pool<J>>,
 }
 
@@ -305,7 +304,7 @@ impl<J> Queue<J> {
 /// goes other than by leaving (never started because the spawn was refused,
 /// or unwound by a panic) it gives its place back; the last worker to go
 /// drops the jobs still queued, as nobody would run them.
-pub struct Worker<J: Job> {
+pub(crate) struct Worker<J: Job> {
     pool: Arc<Pool<J>>,
     left: bool,
 }
