@@ -6,7 +6,12 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
+
+#[cfg(par_imap_loom)]
+use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(par_imap_loom))]
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::Instant;
@@ -70,14 +75,7 @@ where
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
         let (report, reports) = mpsc::unbounded_channel();
         BlockingRunner {
-            workers: Workers::new(
-                Crew {
-                    mapper,
-                    open: Mutex::new(Vec::new()),
-                    report: report.clone(),
-                },
-                limit,
-            ),
+            workers: Workers::new(Crew::new(mapper, report.clone()), limit),
             report,
             reports,
         }
@@ -114,12 +112,7 @@ where
         is_failure: IsFailure<F::Output>,
     ) {
         call.report_to(self.report.clone());
-        let job = BlockingJob {
-            items,
-            call,
-            is_failure,
-            mapper: PhantomData,
-        };
+        let job = BlockingJob::new(items, call, is_failure);
         let shared = job.items.len() > 1;
         let worker = self.workers.push(job);
         // Someone to take the items of a call of several should one hang.
@@ -211,7 +204,16 @@ impl<T, U> Open<T, U> {
 }
 
 impl<T, F: Mapper<T>> Crew<T, F> {
-    fn open(&self) -> std::sync::MutexGuard<'_, OpenCalls<T, F::Output>> {
+    /// The crew of a map whose thieves' calls report on `report`.
+    pub(crate) fn new(mapper: F, report: UnboundedSender<Event<F::Output>>) -> Self {
+        Crew {
+            mapper,
+            open: Mutex::new(Vec::new()),
+            report,
+        }
+    }
+
+    fn open(&self) -> MutexGuard<'_, OpenCalls<T, F::Output>> {
         // Never held around user code.
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -237,6 +239,21 @@ pub(crate) struct BlockingJob<T, F: Mapper<T>> {
     call: Call<F::Output>,
     is_failure: IsFailure<F::Output>,
     mapper: PhantomData<fn() -> F>,
+}
+
+impl<T, F: Mapper<T>> BlockingJob<T, F> {
+    pub(crate) fn new(
+        items: Batch<T>,
+        call: Call<F::Output>,
+        is_failure: IsFailure<F::Output>,
+    ) -> Self {
+        BlockingJob {
+            items,
+            call,
+            is_failure,
+            mapper: PhantomData,
+        }
+    }
 }
 
 impl<T, F> Job for BlockingJob<T, F>
@@ -338,12 +355,11 @@ where
                 at = at,
                 items = items.len()
             );
-            return Steal::Job(BlockingJob {
-                items: Batch::from_vec(items),
+            return Steal::Job(BlockingJob::new(
+                Batch::from_vec(items),
                 call,
-                is_failure: open.is_failure,
-                mapper: PhantomData,
-            });
+                open.is_failure,
+            ));
         }
         soonest.map_or(Steal::Nothing, Steal::At)
     }

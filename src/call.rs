@@ -3,7 +3,7 @@
 //! makes, and the ticket that makes them exactly once.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -19,12 +19,48 @@ use crate::options::Order;
 use crate::retry::Cut;
 use crate::stats::Counters;
 
+#[cfg(not(par_imap_loom))]
+type Cutoff = std::sync::atomic::AtomicUsize;
+
+/// The cutoff's cell under loom: a lock, so that a lowered cutoff is seen
+/// at the next check. The memory model does not promise that to a relaxed
+/// load (loom would let a call read the old cutoff for ever; no machine
+/// does), and the engine's models (`engine/loom_model.rs`) ask what
+/// happens when it comes down between two steps of a call.
+#[cfg(par_imap_loom)]
+#[derive(Debug)]
+struct Cutoff(loom::sync::Mutex<usize>);
+
+#[cfg(par_imap_loom)]
+impl Cutoff {
+    fn new(cutoff: usize) -> Self {
+        Cutoff(loom::sync::Mutex::new(cutoff))
+    }
+
+    fn fetch_min(&self, index: usize, _: Ordering) -> usize {
+        let mut cutoff = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = *cutoff;
+        *cutoff = before.min(index);
+        before
+    }
+
+    fn load(&self, _: Ordering) -> usize {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// What the engine and its running calls share.
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// Items at or above this index must not be mapped, and their results
     /// are no longer wanted. `usize::MAX` while the map runs normally.
-    cutoff: AtomicUsize,
+    cutoff: Cutoff,
     order: Order,
     /// With `.keep_going()` a failure makes nothing else unwanted.
     keep_going: bool,
@@ -57,7 +93,7 @@ impl Shared {
         counters: Arc<Counters>,
     ) -> Arc<Self> {
         Arc::new(Shared {
-            cutoff: AtomicUsize::new(usize::MAX),
+            cutoff: Cutoff::new(usize::MAX),
             order,
             keep_going,
             token,

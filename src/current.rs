@@ -14,9 +14,16 @@ struct OnThread {
     index: usize,
 }
 
+#[cfg(not(par_imap_loom))]
 thread_local! {
     /// The call a blocking worker runs on this thread, and its item.
     static CURRENT: RefCell<Option<OnThread>> = const { RefCell::new(None) };
+}
+
+// Under loom the model's threads share one OS thread: each keeps its own.
+#[cfg(par_imap_loom)]
+loom::thread_local! {
+    static CURRENT: RefCell<Option<OnThread>> = RefCell::new(None);
 }
 
 /// Marks this thread as running a blocking call until dropped, even by a

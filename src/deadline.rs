@@ -2,12 +2,21 @@
 //! shares with the engine ([`Progress`]), and the engine's deadlines of its
 //! running calls (the earliest first, one timer for it, and a watch on the
 //! runtime that made the timer).
+//!
+//! Under `cfg(par_imap_loom)` the progress's lock is loom's, so that the
+//! engine's models (`engine/loom_model.rs`) explore a deadline expiring
+//! while its item finishes.
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
+
+#[cfg(par_imap_loom)]
+use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(par_imap_loom))]
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -84,6 +93,11 @@ impl Deadlines {
     /// Forgets the deadlines of the calls from `index` on.
     pub(crate) fn forget_from(&mut self, index: usize) {
         self.pending.retain(|&(_, call)| call < index);
+    }
+
+    /// Keeps the deadlines of the calls for which `keep` says so.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(usize) -> bool) {
+        self.pending.retain(|&(_, call)| keep(call));
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -55,6 +55,9 @@ mod setup;
 mod start;
 mod timeouts;
 
+#[cfg(all(test, par_imap_loom))]
+mod loom_model;
+
 pub(crate) use retries::{Retryable, Retrying};
 
 /// Results of one batch handed out in a row without looking at reports,

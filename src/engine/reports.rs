@@ -232,12 +232,14 @@ impl<U> Engine<U> {
                 if self.failed_at().is_none_or(|earlier| index < earlier) {
                     self.phase = Phase::Failed { at: index };
                     self.calls.truncate_after(index);
+                    self.forget_deadlines();
                     self.abort(index + 1);
                 }
             }
             Order::Completion => {
                 self.phase = Phase::Failed { at: index };
                 self.calls.forget_unfinished();
+                self.forget_deadlines();
                 self.abort(0);
             }
         }

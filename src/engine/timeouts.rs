@@ -47,6 +47,13 @@ impl<U> Engine<U> {
         }
     }
 
+    /// Drops the deadlines of the calls the map forgot (fail-fast), so
+    /// that no timer stays armed for a call nobody waits for.
+    pub(super) fn forget_deadlines(&mut self) {
+        let calls = &self.calls;
+        self.deadlines.retain(|call| calls.is_running(call));
+    }
+
     /// Times out the items that ran past their deadline.
     pub(super) fn expire_deadlines(&mut self, cx: &mut Context<'_>) {
         let Some(timeout) = self.options.timeout else {
@@ -67,30 +74,37 @@ impl<U> Engine<U> {
             }
         }
         for (at, call) in due {
-            let Some((running, _)) = self.calls.running(call) else {
-                continue;
-            };
-            if running.deadline == Some(at) {
-                running.deadline = None;
-            }
-            let Some(progress) = running.progress.clone() else {
-                continue;
-            };
             // The timer may fire within its millisecond before `at`.
-            let now = Instant::now().max(at);
-            match progress.expire(now) {
-                Expiry::Later(deadline) => self.arm(call, Some(deadline)),
-                // No item runs right now: look again a little later.
-                Expiry::Idle => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
-                Expiry::TimedOut {
-                    first,
-                    mut earlier,
-                    index,
-                } => self.time_out(call, first, &mut earlier, index, now, timeout),
-            }
+            self.expire(call, at, Instant::now().max(at), timeout);
         }
         if self.deadlines.arm(cx).is_err() {
             self.phase = Phase::CancelledUnder;
+        }
+    }
+
+    /// The deadline `at` of `call` came at `now`: the item it runs now is
+    /// timed out if it is past its own deadline; otherwise the call's
+    /// deadline is armed again. The call's worker may be finishing that
+    /// item at this very moment (`engine/loom_model.rs`).
+    pub(super) fn expire(&mut self, call: usize, at: Instant, now: Instant, timeout: Duration) {
+        let Some((running, _)) = self.calls.running(call) else {
+            return;
+        };
+        if running.deadline == Some(at) {
+            running.deadline = None;
+        }
+        let Some(progress) = running.progress.clone() else {
+            return;
+        };
+        match progress.expire(now) {
+            Expiry::Later(deadline) => self.arm(call, Some(deadline)),
+            // No item runs right now: look again a little later.
+            Expiry::Idle => self.arm(call, now.checked_add(timeout.max(IDLE_RECHECK))),
+            Expiry::TimedOut {
+                first,
+                mut earlier,
+                index,
+            } => self.time_out(call, first, &mut earlier, index, now, timeout),
         }
     }
 
