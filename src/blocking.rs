@@ -528,3 +528,106 @@ fn block_on<F: Future>(future: F) -> F::Output {
         thread::park();
     }
 }
+
+#[cfg(all(test, not(par_imap_loom)))]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::options::Order;
+    use crate::stats::Counters;
+
+    type Gate = Arc<Mutex<Option<std_mpsc::Receiver<()>>>>;
+
+    /// A crew whose mapper holds item 0 until `release` is sent.
+    fn crew_with_a_hung_item_0() -> (
+        Arc<Crew<u32, impl Mapper<u32, Output = u32>>>,
+        std_mpsc::Receiver<()>,
+        std_mpsc::Sender<()>,
+    ) {
+        let (started, on_start) = std_mpsc::channel();
+        let (release, gate) = std_mpsc::channel::<()>();
+        let gate: Gate = Arc::new(Mutex::new(Some(gate)));
+        let mapper = move |n: u32| {
+            if n == 0 {
+                let _ = started.send(());
+                let gate = gate.lock().unwrap().take();
+                gate.map(|gate| gate.recv());
+            }
+            n
+        };
+        let (report, _) = mpsc::unbounded_channel();
+        (Arc::new(Crew::new(mapper, report)), on_start, release)
+    }
+
+    fn shared() -> Arc<Shared> {
+        Shared::new(
+            Order::Input,
+            false,
+            None,
+            None,
+            None,
+            false,
+            Arc::new(Counters::default()),
+        )
+    }
+
+    /// Runs a call over items `0..4` with `steal_after` on a thread of its
+    /// own, and waits until item 0 (which hangs) started.
+    fn run_hung_call(
+        steal_after: Duration,
+    ) -> (
+        Arc<Crew<u32, impl Mapper<u32, Output = u32>>>,
+        std_mpsc::Sender<()>,
+        thread::JoinHandle<()>,
+    ) {
+        let (crew, on_start, release) = crew_with_a_hung_item_0();
+        let call = Call::new(0, shared(), None, steal_after);
+        let job = BlockingJob::new(Batch::from_vec(vec![0, 1, 2, 3]), call, Result::is_err);
+        let owner = {
+            let crew = Arc::clone(&crew);
+            thread::spawn(move || job.run(&crew))
+        };
+        on_start.recv().expect("item 0 started");
+        (crew, release, owner)
+    }
+
+    /// An idle worker takes nothing from a call before its steal time
+    /// (found by `cargo mutants`: a thief that stole at once, or a steal
+    /// time in the past, passed every test), and says when to look again.
+    #[test]
+    fn a_call_is_not_stolen_from_before_its_steal_time() {
+        let hour = Duration::from_secs(3600);
+        let (crew, release, owner) = run_hung_call(hour);
+        match BlockingJob::steal(&crew) {
+            Steal::At(at) => assert!(
+                at > Instant::now() + hour / 2,
+                "look again at the steal time, an hour from now"
+            ),
+            Steal::Job(_) => panic!("stolen before its steal time"),
+            Steal::Nothing => panic!("a running call with items left is not stealable later"),
+        }
+        release.send(()).unwrap();
+        owner.join().unwrap();
+    }
+
+    /// Past its steal time the same call gives up the back half of what
+    /// it has not started.
+    #[test]
+    fn a_call_past_its_steal_time_gives_up_the_back_half() {
+        let (crew, release, owner) = run_hung_call(Duration::ZERO);
+        match BlockingJob::steal(&crew) {
+            Steal::Job(job) => {
+                assert_eq!(job.call.first(), 2, "items 1..4 not started: the back 2");
+                job.discard();
+            }
+            other => panic!(
+                "nothing stolen past the steal time: {:?}",
+                matches!(other, Steal::At(_))
+            ),
+        }
+        release.send(()).unwrap();
+        owner.join().unwrap();
+    }
+}

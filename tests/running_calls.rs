@@ -275,6 +275,66 @@ async fn hung_item_does_not_hold_back_the_rest_of_the_only_call() {
     assert!(results.next().await.is_none());
 }
 
+/// Under a shared budget a thief's call holds a permit of its own before
+/// it takes any item: with permits free, a hung item's call mates are
+/// still taken (found by `cargo mutants`: with thieves that never took
+/// items under a budget, every test passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_item_does_not_hold_back_the_rest_of_its_call_under_a_shared_budget() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), HUNG as usize);
+    let budget = Arc::new(tokio::sync::Semaphore::new(3));
+    let results = stream::iter(0..ITEMS)
+        .par_imap_unordered(2, hangs_at(&gates, HUNG))
+        .batch(256)
+        .semaphore(Arc::clone(&budget));
+    every_other_item_arrives_while_one_hangs(results, &gates).await;
+    assert_eq!(budget.available_permits(), 3, "every permit given back");
+}
+
+/// ...and with no permit free, a thief takes no item: the budget caps the
+/// calls running, stealing included. The only permit is held by the call
+/// whose first item hangs; its call mates wait for it (found by `cargo
+/// mutants`: a thief that took items without a permit passed every test).
+/// No item may start while it hangs; the wait is bounded, and a broken
+/// engine starts one within milliseconds of the steal time (2 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thief_takes_no_item_without_a_permit_of_the_budget() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), 0);
+    let started = Arc::new(AtomicUsize::new(0));
+    let mapper = {
+        let (gates, started) = (gates.clone(), Arc::clone(&started));
+        move |n: u64| {
+            started.fetch_add(1, Ordering::SeqCst);
+            if n == 0 {
+                gates.wait(0);
+            }
+            n
+        }
+    };
+    let budget = Arc::new(tokio::sync::Semaphore::new(1));
+    let mut results = stream::iter(0..4u64)
+        .par_imap_unordered(2, mapper)
+        .batch(4)
+        .semaphore(Arc::clone(&budget));
+    let first = tokio::time::timeout(Duration::from_millis(300), results.next()).await;
+    assert!(first.is_err(), "a result came while item 0 hung: {first:?}");
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "an item started without a permit while item 0 held the only one"
+    );
+    gates.open(0);
+    let mut all: Vec<u64> = tokio::time::timeout(BOUND, results.try_collect())
+        .await
+        .expect("the map ends once item 0 is released")
+        .unwrap();
+    all.sort_unstable();
+    assert_eq!(all, [0, 1, 2, 3]);
+    assert_eq!(budget.available_permits(), 1, "the permit given back");
+}
+
 /// A call's last item hangs after the others are mapped: nothing is left
 /// to steal, but an idle worker harvests the results already made, so they
 /// arrive while it hangs (unordered: nothing else waits for the hung one).
