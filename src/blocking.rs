@@ -538,17 +538,14 @@ mod tests {
     use crate::options::Order;
     use crate::stats::Counters;
 
-    type Gate = Arc<Mutex<Option<std_mpsc::Receiver<()>>>>;
+    type TestCrew = Arc<Crew<u32, Box<dyn Fn(u32) -> u32 + Send + Sync>>>;
 
-    /// A crew whose mapper holds item 0 until `release` is sent.
-    fn crew_with_a_hung_item_0() -> (
-        Arc<Crew<u32, impl Mapper<u32, Output = u32>>>,
-        std_mpsc::Receiver<()>,
-        std_mpsc::Sender<()>,
-    ) {
+    /// A crew whose mapper holds item 0 until `release` is sent; returns it,
+    /// the channel that says item 0 started, and `release`.
+    fn crew_with_a_hung_item_0() -> (TestCrew, std_mpsc::Receiver<()>, std_mpsc::Sender<()>) {
         let (started, on_start) = std_mpsc::channel();
         let (release, gate) = std_mpsc::channel::<()>();
-        let gate: Gate = Arc::new(Mutex::new(Some(gate)));
+        let gate = Mutex::new(Some(gate));
         let mapper = move |n: u32| {
             if n == 0 {
                 let _ = started.send(());
@@ -558,7 +555,11 @@ mod tests {
             n
         };
         let (report, _) = mpsc::unbounded_channel();
-        (Arc::new(Crew::new(mapper, report)), on_start, release)
+        (
+            Arc::new(Crew::new(Box::new(mapper) as _, report)),
+            on_start,
+            release,
+        )
     }
 
     fn shared() -> Arc<Shared> {
@@ -577,11 +578,7 @@ mod tests {
     /// own, and waits until item 0 (which hangs) started.
     fn run_hung_call(
         steal_after: Duration,
-    ) -> (
-        Arc<Crew<u32, impl Mapper<u32, Output = u32>>>,
-        std_mpsc::Sender<()>,
-        thread::JoinHandle<()>,
-    ) {
+    ) -> (TestCrew, std_mpsc::Sender<()>, thread::JoinHandle<()>) {
         let (crew, on_start, release) = crew_with_a_hung_item_0();
         let call = Call::new(0, shared(), None, steal_after);
         let job = BlockingJob::new(Batch::from_vec(vec![0, 1, 2, 3]), call, Result::is_err);
