@@ -25,6 +25,25 @@ pub(crate) struct Options {
     pub(crate) key_order: bool,
 }
 
+impl Options {
+    /// A map's settings before any builder method: `limit` calls at most,
+    /// results in `order`.
+    pub(crate) fn new(order: Order, limit: usize) -> Self {
+        Options {
+            order,
+            limit,
+            window: None,
+            batch: None,
+            timeout: None,
+            keep_going: false,
+            token: None,
+            budget: None,
+            adaptive: None,
+            key_order: false,
+        }
+    }
+}
+
 /// Whether results come out in input or in completion order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Order {

@@ -82,18 +82,7 @@ where
         );
         ParImap {
             engine: Engine::new(
-                Options {
-                    order,
-                    limit,
-                    window: None,
-                    batch: None,
-                    timeout: None,
-                    keep_going: false,
-                    token: None,
-                    budget: None,
-                    adaptive: None,
-                    key_order: false,
-                },
+                Options::new(order, limit),
                 <K::Runner as Spawn<St::Item>>::BATCHES,
             ),
             runner: K::runner(mapper, limit),

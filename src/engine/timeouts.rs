@@ -141,3 +141,49 @@ impl<U> Engine<U> {
         }
     }
 }
+
+#[cfg(all(test, not(par_imap_loom)))]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::deadline::Progress;
+    use crate::options::{Options, Order};
+
+    /// A fail-fast timeout forgets the rest of its call (and the calls
+    /// after it), and their deadlines with them: no timer stays armed for
+    /// a call nobody waits for. Found by the engine's loom model
+    /// (`loom_deadline_expires_while_the_item_finishes`); here without loom.
+    #[test]
+    fn a_fail_fast_timeout_leaves_no_deadline_armed_for_what_it_forgot() {
+        let timeout = Duration::from_secs(3600);
+        let options = Options {
+            timeout: Some(timeout),
+            ..Options::new(Order::Input, 2)
+        };
+        let mut engine: Engine<u32> = Engine::new(options, true);
+        let progress = Progress::new(0, timeout);
+        let running = Running {
+            progress: Some(Arc::clone(&progress)),
+            deadline: None,
+            retry_on_return: false,
+        };
+        assert_eq!(engine.calls.push(3, running), 0);
+        // Item 0 starts; the engine arms the call's deadline.
+        progress.begin(0);
+        engine.arm(0, None);
+        let at = engine
+            .calls
+            .running(0)
+            .and_then(|(running, _)| running.deadline);
+        let at = at.expect("armed from the item running");
+        // The timer fires, long after: `poll_due` takes the deadline out.
+        engine.deadlines.remove(at, 0);
+        engine.expire(0, at, at + timeout, timeout);
+        assert_eq!(engine.failed_at(), Some(0), "item 0 timed out: fail-fast");
+        assert!(
+            engine.deadlines.is_empty(),
+            "a deadline left armed for the forgotten rest of call 0"
+        );
+    }
+}
