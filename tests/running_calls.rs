@@ -714,6 +714,45 @@ async fn output_drop_panic_when_the_stream_is_dropped_is_contained() {
     );
 }
 
+/// As above, but the outputs of items 1 and 2 are still in their reports,
+/// on the runner's channel, when the stream is dropped: the consumer got
+/// item 0 and stopped polling before they ended. Dropping the runner
+/// drains the channel, a panic of a queued output's `Drop` contained
+/// (found by `cargo mutants`: a runner that let the channel drop them
+/// passed every test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_drop_panic_of_reports_queued_when_the_stream_is_dropped_is_contained() {
+    let gates = Gates::default();
+    let _release = OpenOnDrop(gates.clone(), 1);
+    let mapper = {
+        let gates = gates.clone();
+        move |n: usize| {
+            if n > 0 {
+                gates.wait(1);
+            }
+            Bomb::new(n)
+        }
+    };
+    let mut results = stream::iter(0..3_usize).par_imap(3, mapper).batch(1);
+    let stats = results.stats();
+    let first = tokio::time::timeout(BOUND, results.next()).await.unwrap();
+    assert_eq!(first.unwrap().unwrap().defuse(), 0);
+    // Items 1 and 2 end while nobody polls: their reports stay queued.
+    gates.open(1);
+    assert!(
+        within_bound(|| stats.snapshot().completed == 3).await,
+        "items 1 and 2 never ended: {stats:?}"
+    );
+    // A report is sent just after its call counts as completed.
+    std::thread::sleep(Duration::from_millis(50));
+    let dropped = panic::catch_unwind(AssertUnwindSafe(move || drop(results)));
+    assert!(
+        dropped.is_ok(),
+        "a panic unwound out of dropping the stream: {}",
+        message(&*dropped.unwrap_err())
+    );
+}
+
 // ---- 5. in_flight never counts more calls than run ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
