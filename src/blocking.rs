@@ -566,7 +566,7 @@ mod tests {
         Shared::new(
             Order::Input,
             false,
-            None,
+            false,
             None,
             None,
             false,

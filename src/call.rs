@@ -64,9 +64,11 @@ pub(crate) struct Shared {
     order: Order,
     /// With `.keep_going()` a failure makes nothing else unwanted.
     keep_going: bool,
-    /// The caller's cancellation token: `is_cancelled()` reads it directly,
-    /// so a running call sees it without waiting for the consumer's poll.
-    token: Option<CancellationToken>,
+    /// Whether the caller gave a token: its watch (see [`is_cut_off`])
+    /// lowers the cutoff, and async calls also watch `closed`.
+    ///
+    /// [`is_cut_off`]: Shared::is_cut_off
+    has_token: bool,
     /// Cancelled when the map ends or is dropped: wakes calls waiting for a
     /// permit of the budget, so that an ended map leaves no waiting acquire.
     closed: CancellationToken,
@@ -86,7 +88,7 @@ impl Shared {
     pub(crate) fn new(
         order: Order,
         keep_going: bool,
-        token: Option<CancellationToken>,
+        has_token: bool,
         budget: Option<Arc<Semaphore>>,
         timeout: Option<Duration>,
         timed: bool,
@@ -96,7 +98,7 @@ impl Shared {
             cutoff: Cutoff::new(usize::MAX),
             order,
             keep_going,
-            token,
+            has_token,
             closed: CancellationToken::new(),
             budget,
             timeout,
@@ -145,9 +147,10 @@ impl Shared {
 
     /// The one "still wanted?" rule, asked before every item of every call:
     /// whether item `index` is no longer wanted. The cutoff is lowered by a
-    /// failure, by the end or drop of the map, and by the caller's token
-    /// (a watch task of the map lowers it when the token is cancelled,
-    /// polled or not); an item's own deadline runs only once it started.
+    /// failure, by the end or drop of the map, and by the caller's token:
+    /// the map registers a waker on it at its first poll, which lowers the
+    /// cutoff inside `cancel()`, polled or not, before `cancel()` returns.
+    /// An item's own deadline runs only once it started.
     /// One relaxed load: cheap enough for every item of a batch.
     pub(crate) fn is_cut_off(&self, index: usize) -> bool {
         index >= self.cutoff.load(Ordering::Relaxed)
@@ -160,14 +163,7 @@ impl Shared {
 
     /// Whether the caller gave a token (async calls then watch `closed`).
     pub(crate) fn has_token(&self) -> bool {
-        self.token.is_some()
-    }
-
-    /// Whether the caller's token was cancelled (takes its lock).
-    pub(crate) fn is_token_cancelled(&self) -> bool {
-        self.token
-            .as_ref()
-            .is_some_and(CancellationToken::is_cancelled)
+        self.has_token
     }
 
     pub(crate) fn budget(&self) -> Option<&Arc<Semaphore>> {
@@ -353,9 +349,10 @@ impl<U> Call<U> {
         self.shared.is_cut_off(index)
     }
 
-    /// Whether the call should not start at all.
+    /// Whether the call should not start at all: the still-wanted rule for
+    /// its first item.
     pub(crate) fn is_unwanted(&self) -> bool {
-        self.shared.is_cut_off(self.first) || self.shared.is_token_cancelled()
+        self.shared.is_cut_off(self.first)
     }
 
     /// Keeps the budget's permit until the call ends.

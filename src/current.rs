@@ -61,9 +61,9 @@ impl Drop for Current {
 }
 
 /// Inside a blocking mapper call, whether its result can no longer be used:
-/// the map was dropped, failed at or before this item, was cancelled (the
-/// token is read directly, so this turns true as soon as it is cancelled),
-/// or this item timed out. `false` outside a blocking mapper call.
+/// the map was dropped, failed at or before this item, was cancelled (true
+/// as soon as the token's `cancel()` returns, polled or not), or this item
+/// timed out. `false` outside a blocking mapper call.
 ///
 /// A running blocking closure cannot be pre-empted: tokio cannot abort
 /// `spawn_blocking`. A long closure that polls `is_cancelled()` now and then
@@ -96,7 +96,6 @@ pub fn is_cancelled() -> bool {
     CURRENT.with(|current| {
         current.borrow().as_ref().is_some_and(|running| {
             running.shared.is_cut_off(running.index)
-                || running.shared.is_token_cancelled()
                 || running
                     .progress
                     .as_ref()

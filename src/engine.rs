@@ -197,7 +197,7 @@ impl<U> Engine<U> {
             Shared::new(
                 options.order,
                 options.keep_going,
-                options.token.clone(),
+                options.token.is_some(),
                 options.budget.clone(),
                 options.timeout,
                 options.adaptive.is_some(),
