@@ -352,6 +352,41 @@ async fn a_closed_semaphore_fails_the_map_at_the_item_that_could_not_start() {
     assert!(error.is_cancelled() && error.index() == 3);
 }
 
+/// The same with a blocking map whose items have deadlines: the call that
+/// finds the budget closed reports its item cancelled although its results
+/// would otherwise come through its deadlines' progress (found by `cargo
+/// mutants`: a report that always read the progress lost the error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_semaphore_fails_a_blocking_map_with_a_timeout_at_the_item_that_could_not_start() {
+    let budget = Arc::new(Semaphore::new(1));
+    let closer = budget.clone();
+    let results: Vec<_> = tokio::time::timeout(
+        common::hang(),
+        stream::iter(0..10)
+            .par_imap(1, move |i: u64| {
+                if i == 2 {
+                    closer.close();
+                }
+                i
+            })
+            .batch(1)
+            .timeout(Duration::from_secs(3600))
+            .semaphore(budget)
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the map ends");
+    // One cancellation error at the lowest index not yet yielded: item 3,
+    // or item 2 if its result was still owed when the map saw the budget
+    // closed; before it, the items in order.
+    let (last, before) = results.split_last().expect("results");
+    let error = last.as_ref().expect_err("the map ends with an error");
+    assert!(error.is_cancelled(), "{results:?}");
+    assert!((2..=3).contains(&error.index()), "{results:?}");
+    let before: Vec<u64> = before.iter().map(|r| *r.as_ref().unwrap()).collect();
+    assert_eq!(before, (0..error.index() as u64).collect::<Vec<_>>());
+}
+
 // ---- is_cancelled ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
