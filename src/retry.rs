@@ -445,6 +445,25 @@ mod tests {
         let _ = Retry::<Error>::attempts(2).backoff(Duration::from_secs(2), Duration::from_secs(1));
     }
 
+    /// Fail-fast forgets the waits of the items from its index on, and no
+    /// other (found by `cargo mutants`: a `forget_from` that kept them, or
+    /// kept the item at the index, passed every test).
+    #[test]
+    fn fail_fast_forgets_the_waits_from_its_index_on() {
+        let mut backoff = Retry::<Error>::attempts(3)
+            .backoff(Duration::from_secs(1), Duration::from_secs(1))
+            .jitter(false)
+            .backoff_state();
+        for index in [2, 3, 5] {
+            backoff.start(index);
+            backoff.wait(index);
+        }
+        backoff.forget_from(3);
+        assert!(!backoff.is_idle(), "item 2 still waits");
+        backoff.forget_from(2);
+        assert!(backoff.is_idle(), "items 2, 3 and 5 forgotten");
+    }
+
     #[test]
     fn a_huge_backoff_is_accepted_and_waits_until_forgotten() {
         let mut backoff = Retry::<Error>::attempts(3)
