@@ -345,6 +345,47 @@ mod tests {
             .expect("a runtime")
     }
 
+    /// A waker that says whether it was woken.
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A deadline earlier than the one the timer is set for (a call re-armed
+    /// while others were looked at) moves the timer: `arm` resets it, and
+    /// the task is woken at the earlier one (found by `cargo mutants`: an
+    /// `arm` that did nothing passed every test).
+    #[test]
+    fn arm_moves_the_timer_to_an_earlier_deadline() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let flag = Arc::new(Flag::default());
+            let waker = std::task::Waker::from(Arc::clone(&flag));
+            let mut cx = Context::from_waker(&waker);
+            let start = Instant::now();
+            let mut deadlines = Deadlines::default();
+            deadlines.insert(start + Duration::from_secs(10), 1);
+            assert!(matches!(deadlines.poll_due(&mut cx), Due::Nothing));
+            deadlines.insert(start + Duration::from_secs(1), 0);
+            assert!(deadlines.arm(&mut cx).is_ok());
+            // Paused time: the clock moves to each timer in turn.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert!(
+                flag.0.load(std::sync::atomic::Ordering::SeqCst),
+                "not woken at the earlier deadline"
+            );
+            assert!(matches!(deadlines.poll_due(&mut cx), Due::Call(_, 0)));
+        });
+    }
+
     /// tokio may shut a runtime's timer down before it drops the runtime's
     /// tasks, so the watch can still say "alive" when the timer is gone
     /// (seen once in CI: a panic "being shutdown" out of `poll_next`). Here
