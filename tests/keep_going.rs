@@ -198,6 +198,41 @@ async fn keep_going_blocking_timeout_in_a_batch_goes_on_after_the_item_returns()
     assert_eq!(results.len(), 3);
 }
 
+/// As above, but item 1 returns only once the consumer has its timeout:
+/// the map gave it up while it ran (not the worker at its end), and the
+/// results after it in its call come at their own indices (found by
+/// `cargo mutants`: a give-up that left the item's index as the first not
+/// taken passed every test, the worker always seeing the overrun first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_going_blocking_timeout_given_up_by_the_map_keeps_the_rest_of_its_batch_in_place() {
+    let gates = Gates::default();
+    let wait = gates.clone();
+    let mut results = stream::iter(0..4_u64)
+        .par_imap(1, move |n| {
+            if n == 1 {
+                wait.wait(1);
+            }
+            n
+        })
+        .batch(4)
+        .timeout(Duration::from_millis(50))
+        .keep_going();
+    let bound = common::hang();
+    let first = tokio::time::timeout(bound, results.next()).await.unwrap();
+    assert_eq!(first.unwrap().unwrap(), 0);
+    let second = tokio::time::timeout(bound, results.next()).await.unwrap();
+    let timed_out = second.unwrap().unwrap_err();
+    assert!(
+        timed_out.is_timeout() && timed_out.index() == 1,
+        "{timed_out:?}"
+    );
+    gates.open(1);
+    let rest: Vec<u64> = tokio::time::timeout(bound, (&mut results).map(Result::unwrap).collect())
+        .await
+        .expect("the rest of the call comes");
+    assert_eq!(rest, [2, 3]);
+}
+
 #[tokio::test(start_paused = true)]
 async fn keep_going_still_ends_at_cancellation() {
     let token = CancellationToken::new();

@@ -387,6 +387,37 @@ async fn a_closed_semaphore_fails_a_blocking_map_with_a_timeout_at_the_item_that
     assert_eq!(before, (0..error.index() as u64).collect::<Vec<_>>());
 }
 
+/// A blocking map with `.timeout` that has ended (not dropped) keeps no
+/// task of its own alive on the runtime: its timer, and the watch task
+/// beside it, go when it ends (found by `cargo mutants`: a map that kept them until
+/// dropped passed every test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_map_with_a_timeout_leaves_no_task_alive() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let mut results = stream::iter(0..3_u64)
+        .par_imap(2, |n| {
+            // Long enough that the map arms its timer while this runs.
+            std::thread::sleep(Duration::from_millis(30));
+            n
+        })
+        .timeout(Duration::from_secs(3600));
+    let mut all = Vec::new();
+    while let Some(result) = results.next().await {
+        all.push(result.unwrap());
+    }
+    assert_eq!(all, [0, 1, 2]);
+    let deadline = std::time::Instant::now() + common::hang();
+    while metrics.num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        0,
+        "a task outlived the end of the map"
+    );
+    drop(results);
+}
+
 // ---- is_cancelled ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

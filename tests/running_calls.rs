@@ -275,6 +275,33 @@ async fn hung_item_does_not_hold_back_the_rest_of_the_only_call() {
     assert!(results.next().await.is_none());
 }
 
+/// An item's own deadline reaches `is_cancelled()` on its worker although
+/// nobody polls the map: the worker reads its deadline itself (found by
+/// `cargo mutants`: with the worker blind to its deadline, the engine's
+/// timer, seen at the next poll, made every test pass).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn is_cancelled_turns_true_at_the_items_deadline_while_nobody_polls() {
+    let (saw, seen) = mpsc::channel();
+    let mut results = stream::iter(0..1_u64)
+        .par_imap(1, move |n| {
+            let deadline = Instant::now() + BOUND;
+            while !par_imap::is_cancelled() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = saw.send(par_imap::is_cancelled());
+            n
+        })
+        .timeout(Duration::from_millis(20));
+    // One poll starts the call; then nobody polls until it has answered.
+    assert!(futures::poll!(results.next()).is_pending());
+    let answer = tokio::task::spawn_blocking(move || seen.recv_timeout(BOUND + BOUND))
+        .await
+        .unwrap();
+    assert_eq!(answer, Ok(true), "is_cancelled() never turned true");
+    let timed_out = results.next().await.unwrap().unwrap_err();
+    assert!(timed_out.is_timeout(), "{timed_out:?}");
+}
+
 /// Under a shared budget a thief's call holds a permit of its own before
 /// it takes any item: with permits free, a hung item's call mates are
 /// still taken (found by `cargo mutants`: with thieves that never took
