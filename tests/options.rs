@@ -352,6 +352,45 @@ async fn a_closed_semaphore_fails_the_map_at_the_item_that_could_not_start() {
     assert!(error.is_cancelled() && error.index() == 3);
 }
 
+/// A closed budget ends the map at once, with the error at the lowest
+/// index not yet yielded, even while an item before the call that found it
+/// closed still runs (found by `cargo mutants`: a map that took that call's
+/// cancellation for an ordinary failure waited for item 0, then failed at
+/// item 1, and passed every test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_semaphore_ends_the_map_at_once_at_the_lowest_index_not_yet_yielded() {
+    let budget = Arc::new(Semaphore::new(1));
+    let (release, hold) = oneshot::channel::<()>();
+    let hold = Arc::new(Mutex::new(Some(hold)));
+    let mut results = stream::iter(0..3_u64)
+        .par_imap_async(2, move |i| {
+            let hold = hold.lock().unwrap().take();
+            async move {
+                // Item 0 holds the only permit until released.
+                if let (0, Some(hold)) = (i, hold) {
+                    let _ = hold.await;
+                }
+                i
+            }
+        })
+        .semaphore(Arc::clone(&budget));
+    // Item 0 runs, item 1's call waits for the permit; then the budget closes.
+    assert!(futures::poll!(results.next()).is_pending());
+    common::eventually_async("item 0 holds the permit", || {
+        budget.available_permits() == 0
+    })
+    .await;
+    budget.close();
+    let first = tokio::time::timeout(common::hang(), results.next())
+        .await
+        .expect("the map ends while item 0 still runs")
+        .unwrap();
+    let error = first.unwrap_err();
+    assert!(error.is_cancelled() && error.index() == 0, "{error:?}");
+    assert!(results.next().await.is_none());
+    drop(release);
+}
+
 /// The same with a blocking map whose items have deadlines: the call that
 /// finds the budget closed reports its item cancelled although its results
 /// would otherwise come through its deadlines' progress (found by `cargo
