@@ -92,7 +92,7 @@ impl Deadlines {
 
     /// Forgets the deadlines of the calls from `index` on.
     pub(crate) fn forget_from(&mut self, index: usize) {
-        self.pending.retain(|&(_, call)| call < index);
+        self.retain(|call| call < index);
     }
 
     /// Keeps the deadlines of the calls for which `keep` says so.
