@@ -17,12 +17,12 @@ use std::thread::{self, Thread};
 use std::time::Instant;
 
 use tokio::runtime::Handle;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batch;
-use crate::call::{self, Call, Event, Shared};
+use crate::call::{self, Call, Event, Reports, Shared};
 use crate::current::Current;
 use crate::deadline::Progress;
 use crate::error::Error;
@@ -62,8 +62,7 @@ where
     F::Output: Send + 'static,
 {
     workers: Workers<BlockingJob<T, F>>,
-    report: UnboundedSender<Event<F::Output>>,
-    reports: UnboundedReceiver<Event<F::Output>>,
+    reports: Reports<F::Output>,
 }
 
 impl<T, F> BlockingRunner<T, F>
@@ -73,10 +72,9 @@ where
     F::Output: Send + 'static,
 {
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
-        let (report, reports) = mpsc::unbounded_channel();
+        let reports = Reports::new();
         BlockingRunner {
-            workers: Workers::new(Crew::new(mapper, report.clone()), limit),
-            report,
+            workers: Workers::new(Crew::new(mapper, reports.sender().clone()), limit),
             reports,
         }
     }
@@ -111,7 +109,7 @@ where
         mut call: Call<F::Output>,
         is_failure: IsFailure<F::Output>,
     ) {
-        call.report_to(self.report.clone());
+        call.report_to(self.reports.sender().clone(), true);
         let job = BlockingJob::new(items, call, is_failure);
         let shared = job.items.len() > 1;
         let worker = self.workers.push(job);
@@ -133,29 +131,12 @@ where
     fn abort_from(&mut self, _index: usize) {}
 
     fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<F::Output>> {
-        // Registering the waker costs more than the rest of a poll: only
-        // when the map is about to wait.
-        let event = if wait {
-            self.reports.poll_recv(cx)
-        } else {
-            Poll::Ready(self.reports.try_recv().ok())
-        };
-        match event {
-            Poll::Ready(Some(event)) => Poll::Ready(event),
-            // The runner holds a sender: the channel closes only in `close`.
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
-        }
+        self.reports.poll(cx, wait)
     }
 
     fn close(&mut self) {
         self.workers.close();
-        // Reports still queued (outputs of calls that ended late) are
-        // dropped now, later ones by their senders; a panic of an output's
-        // `Drop` is contained.
         self.reports.close();
-        while let Ok(event) = self.reports.try_recv() {
-            event.discard();
-        }
     }
 }
 
@@ -345,7 +326,7 @@ where
                 continue; // results only: delivered
             }
             let mut call = Call::new(at, Arc::clone(&open.shared), progress, open.steal_after);
-            call.report_to(crew.report.clone());
+            call.report_to(crew.report.clone(), true);
             if let Some(permit) = permit {
                 call.hold(permit);
             }
@@ -533,6 +514,8 @@ fn block_on<F: Future>(future: F) -> F::Output {
 mod tests {
     use std::sync::mpsc as std_mpsc;
     use std::time::Duration;
+
+    use tokio::sync::mpsc;
 
     use super::*;
     use crate::options::Order;

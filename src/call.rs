@@ -5,9 +5,10 @@
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -230,8 +231,10 @@ pub enum Event<U> {
 pub struct Call<U> {
     first: usize,
     shared: Arc<Shared>,
-    /// Where a blocking call reports.
+    /// Where the call reports.
     report: Option<UnboundedSender<Event<U>>>,
+    /// Its busy time sizes the next calls (blocking calls).
+    sizes: bool,
     /// The report was made: dropping the ticket says nothing more.
     reported: bool,
     progress: Option<Arc<Progress<U>>>,
@@ -272,6 +275,7 @@ impl<U> Call<U> {
             first,
             shared,
             report: None,
+            sizes: false,
             reported: false,
             progress,
             started: false,
@@ -316,10 +320,11 @@ impl<U> Call<U> {
         !accepted.unwrap_or(false)
     }
 
-    /// The call reports on `report` (blocking calls), also when dropped
-    /// unfinished.
-    pub(crate) fn report_to(&mut self, report: UnboundedSender<Event<U>>) {
+    /// The call reports on `report`, also when dropped unfinished; with
+    /// `sizes`, its busy time is measured for the sizer (blocking calls).
+    pub(crate) fn report_to(&mut self, report: UnboundedSender<Event<U>>, sizes: bool) {
         self.report = Some(report);
+        self.sizes = sizes;
     }
 
     /// How long the call runs before idle workers may take its items.
@@ -382,7 +387,7 @@ impl<U> Call<U> {
         self.started = true;
         self.counts_busy = self.shared.counters.is_timing();
         // A blocking call's busy time also sizes the next calls.
-        if self.counts_busy || self.report.is_some() {
+        if self.counts_busy || self.sizes {
             self.started_at = Some(std::time::Instant::now());
         }
         if self.shared.timed {
@@ -507,11 +512,10 @@ impl<U> Event<U> {
 }
 
 impl<U> Drop for Call<U> {
-    /// A call dropped unfinished ends its start (`Stats`); a blocking one
-    /// also reports itself: cancelled when it never ran or its worker was
-    /// torn down, a panic error of its item when the machinery unwound (a
-    /// call that vanishes is not a runtime gone). An async one's join
-    /// handle tells.
+    /// A call dropped unfinished ends its start (`Stats`) and reports
+    /// itself: cancelled when it never ran, was aborted, or its worker was
+    /// torn down; a panic error of its item when the machinery unwound (a
+    /// call that vanishes is not a runtime gone).
     fn drop(&mut self) {
         if self.reported {
             return;
@@ -534,6 +538,50 @@ impl<U> Drop for Call<U> {
             Error::cancelled(index)
         };
         send(&report, Event::torn_down(self.first, index, error));
+    }
+}
+
+/// The channel on which a runner's calls report to the engine.
+#[derive(Debug)]
+pub(crate) struct Reports<U> {
+    report: UnboundedSender<Event<U>>,
+    reports: UnboundedReceiver<Event<U>>,
+}
+
+impl<U> Reports<U> {
+    pub(crate) fn new() -> Self {
+        let (report, reports) = mpsc::unbounded_channel();
+        Reports { report, reports }
+    }
+
+    /// Where a call reports.
+    pub(crate) fn sender(&self) -> &UnboundedSender<Event<U>> {
+        &self.report
+    }
+
+    /// The next report. Registering the waker costs more than the rest of
+    /// a poll: only with `wait`, when the map is about to wait.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<U>> {
+        let event = if wait {
+            self.reports.poll_recv(cx)
+        } else {
+            Poll::Ready(self.reports.try_recv().ok())
+        };
+        match event {
+            Poll::Ready(Some(event)) => Poll::Ready(event),
+            // The runner holds a sender: the channel closes only in `close`.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// No more reports: those still queued (outputs of calls that ended
+    /// late) are dropped now, later ones by their senders; a panic of an
+    /// output's `Drop` is contained.
+    pub(crate) fn close(&mut self) {
+        self.reports.close();
+        while let Ok(event) = self.reports.try_recv() {
+            event.discard();
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use crate::variant::{Async, Blocking, Try};
 /// | --- | --- | --- |
 /// | [`par_imap`](ParImapExt::par_imap) | blocking `Fn(T) -> U`, on the blocking pool | input order |
 /// | [`par_imap_unordered`](ParImapExt::par_imap_unordered) | blocking | completion order |
-/// | [`par_imap_async`](ParImapExt::par_imap_async) | `Fn(T) -> impl Future<Output = U>`, a task per call | input order |
+/// | [`par_imap_async`](ParImapExt::par_imap_async) | `Fn(T) -> impl Future<Output = U>`, each call in a tokio task | input order |
 /// | [`par_imap_async_unordered`](ParImapExt::par_imap_async_unordered) | async | completion order |
 /// | `try_` + each of the above | returns `Result<U, E>`, `E: From<Error>` | `Result<U, E>` |
 ///
@@ -237,9 +237,10 @@ pub trait ParImapExt: Stream {
         ParImap::new(self, limit, f, Order::Completion)
     }
 
-    /// Maps each item with the async closure `f`, each call spawned as a tokio
-    /// task, at most `limit` at once, yielding results in input order, or an
-    /// [`Error`] at the item whose future panicked, then the end.
+    /// Maps each item with the async closure `f`, each call running in a
+    /// tokio task of the map's own, at most `limit` at once, yielding
+    /// results in input order, or an [`Error`] at the item whose future
+    /// panicked, then the end.
     ///
     /// See the [trait docs](ParImapExt#semantics) for the full semantics.
     ///

@@ -73,7 +73,8 @@ impl Sizer {
     /// (a 1000-fold slowdown takes two calls, a call that was merely
     /// preempted costs little); faster ones grow it at most twofold per call.
     pub(crate) fn observe(&mut self, mapped: usize, busy: Duration) {
-        if mapped == 0 {
+        // Calls of one item have nothing to size, nor items to steal.
+        if mapped == 0 || self.fixed == Some(1) {
             return;
         }
         let sample = busy.as_nanos() as f64 / mapped as f64;

@@ -1,87 +1,231 @@
-//! Async calls: each call one tokio task, whose join handle brings its
-//! report back and aborts it when the map no longer wants it.
+//! Async calls: each runs in one of the map's own tokio tasks, its
+//! *workers*. A worker maps one call at a time and is handed the next by
+//! the map once it has finished; a call is reported on the runner's
+//! channel (also when its worker is aborted or torn down: the call's ticket
+//! reports itself). Aborting a call aborts the worker that runs it; the map
+//! hires another when it needs one. Long-lived workers spare each call a
+//! task's allocation, spawn and join handle.
 
 use std::fmt;
 use std::future::Future;
 use std::future::poll_fn;
-use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::pin::{Pin, pin};
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::runtime::Handle;
-use tokio::task::{JoinError, JoinHandle};
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::batch::Batch;
-use crate::call::{Call, Event};
-use crate::error::Error;
+use crate::call::{Call, Event, Reports};
+use crate::error::{Error, drop_contained};
 use crate::spawn::{IsFailure, Spawn};
 use crate::trace;
 
-/// The runner of the async variants: the mapper, shared by the tasks, and
-/// the join handles of the tasks running.
+/// A worker's name: its place in the runner's list, and which of the
+/// workers that held that place it is.
+type WorkerId = (usize, u64);
+
+/// The workers that finished their call since the runner last looked.
+type Freed = Arc<Mutex<Vec<WorkerId>>>;
+
+/// The runner of the async variants: the mapper, shared by the workers,
+/// the workers, and the channel on which their calls report.
 pub struct Tasks<T, F, U> {
     mapper: Arc<F>,
-    running: FuturesUnordered<Report<U>>,
-    items: PhantomData<fn(T)>,
+    workers: Vec<Worker<T, U>>,
+    /// Workers with no call, ready for the next.
+    idle: Vec<usize>,
+    /// Places of workers that were aborted, for the next hired.
+    vacant: Vec<usize>,
+    freed: Freed,
+    reports: Reports<U>,
+}
+
+/// One call for a worker: the call's ticket first, so that a job dropped
+/// unrun reports its call cancelled before its item's `Drop` runs.
+struct Job<T, U> {
+    call: Call<U>,
+    item: T,
+    is_failure: IsFailure<U>,
+}
+
+/// The runner's side of one worker.
+struct Worker<T, U> {
+    jobs: UnboundedSender<Job<T, U>>,
+    task: AbortHandle,
+    generation: u64,
+    /// The call it runs, if any.
+    call: Option<usize>,
 }
 
 impl<T, F, U> fmt::Debug for Tasks<T, F, U> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tasks")
-            .field("running", &self.running.len())
+            .field("workers", &self.workers.len())
+            .field("idle", &self.idle.len())
             .finish()
     }
 }
 
 impl<T, F, U> Tasks<T, F, U> {
-    /// Aborts the running tasks of the calls from item `index` on.
-    fn abort_running(&self, index: usize) {
-        for report in self.running.iter().filter(|report| report.call >= index) {
-            report.handle.abort();
-        }
-    }
-
     pub(crate) fn new(mapper: F) -> Self {
         Tasks {
             mapper: Arc::new(mapper),
-            running: FuturesUnordered::new(),
-            items: PhantomData,
+            workers: Vec::new(),
+            idle: Vec::new(),
+            vacant: Vec::new(),
+            freed: Arc::new(Mutex::new(Vec::new())),
+            reports: Reports::new(),
+        }
+    }
+
+    /// Takes back the workers that finished their calls: they are idle
+    /// now, unless aborted meanwhile (their place is another's then).
+    fn take_freed(&mut self) {
+        let mut freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
+        for (place, generation) in freed.drain(..) {
+            let Some(worker) = self.workers.get_mut(place) else {
+                continue;
+            };
+            if worker.generation == generation && worker.call.take().is_some() {
+                self.idle.push(place);
+            }
+        }
+    }
+
+    /// Aborts the workers running the calls from item `index` on: each
+    /// call's ticket reports it cancelled as its worker drops it.
+    fn abort_running(&mut self, index: usize) {
+        for (place, worker) in self.workers.iter_mut().enumerate() {
+            if worker.call.is_some_and(|call| call >= index) {
+                worker.task.abort();
+                worker.call = None;
+                self.vacant.push(place);
+            }
         }
     }
 }
 
-/// The report of call `call`, read from its task's join handle.
-struct Report<U> {
-    call: usize,
-    handle: JoinHandle<Event<U>>,
-}
-
-impl<U> Future for Report<U> {
-    type Output = Event<U>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Event<U>> {
-        let call = self.call;
-        Poll::Ready(match ready!(self.handle.poll_unpin(cx)) {
-            Ok(event) => event,
-            // Aborted by the engine (which no longer waits for it), or torn
-            // down with its runtime: a cancellation the map did not ask for.
-            Err(error) => Event::torn_down(call, call, torn_down(call, error)),
-        })
+/// A worker: maps the calls it is handed, one at a time, until the runner
+/// is gone or aborts it.
+async fn work<T, F, Fut>(
+    mapper: Arc<F>,
+    mut jobs: UnboundedReceiver<Job<T, Fut::Output>>,
+    freed: Freed,
+    id: WorkerId,
+) where
+    F: Fn(T) -> Fut,
+    Fut: Future,
+{
+    while let Some(Job {
+        mut call,
+        item,
+        is_failure,
+    }) = jobs.recv().await
+    {
+        let span = trace::call_span(call.first(), call.attempt_number());
+        let event = trace::instrument(span, run_call(&*mapper, item, &mut call, is_failure)).await;
+        // Free before the report: the engine, once it hears, finds the
+        // worker idle and may hand it the next call at once.
+        freed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(id);
+        call.send(event);
     }
 }
 
-/// What a task that ended without its report stands for: the mapper's
-/// panics are caught inside the task, so only the machinery panics here.
-fn torn_down(call: usize, error: JoinError) -> Error {
-    match error.try_into_panic() {
-        Ok(payload) => Error::panic(call, payload),
-        Err(_cancelled) => Error::cancelled(call),
+/// Maps one call's item: its permit of the budget, the still-wanted rule,
+/// the mapper inside `catch_unwind`, its deadline and the map's end.
+async fn run_call<T, F, Fut>(
+    mapper: &F,
+    item: T,
+    call: &mut Call<Fut::Output>,
+    is_failure: IsFailure<Fut::Output>,
+) -> Event<Fut::Output>
+where
+    F: Fn(T) -> Fut,
+    Fut: Future,
+{
+    let first = call.first();
+    if let Some(budget) = call.shared().budget() {
+        // Taken inside the task: an aborted or dropped call leaves
+        // no waiting acquire behind. Boxed: most maps have no
+        // budget, and the task stays small without it.
+        match Box::pin(Arc::clone(budget).acquire_owned()).await {
+            Ok(permit) => call.hold(permit),
+            Err(_closed) => return call.finish_one(Err(Error::cancelled(first))),
+        }
     }
+    if call.is_unwanted() {
+        return call.skip();
+    }
+    call.start();
+    // The mapper is called inside the task, so an aborted task that
+    // never ran never calls it; and inside `catch_unwind` too: a
+    // panic while making the future is an error of its item as well.
+    let mapped = AssertUnwindSafe(async { mapper(item).await }).catch_unwind();
+    // The call keeps its own deadline, so it ends (and gives its
+    // permit back) at its deadline even while nobody polls the map.
+    // A deadline past the clock's range is none. The timer is boxed
+    // for the same reason as the budget's wait.
+    let deadline = call
+        .shared()
+        .timeout()
+        .and_then(|timeout| Instant::now().checked_add(timeout));
+    // With a token, the call also ends when the map ends (the token's
+    // watch ends it when the token is cancelled), polled or not.
+    let closed = call
+        .shared()
+        .has_token()
+        .then(|| call.shared().closed().clone());
+    let result = match (deadline, closed) {
+        (None, None) => mapped.await.map_err(|payload| Error::panic(first, payload)),
+        (deadline, closed) => {
+            // In a block of its own: the future is dropped at its
+            // end, before the call gives its permit back.
+            let stopped = {
+                let mut mapped = pin!(mapped);
+                let mut expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                let mut closed = closed.map(|closed| Box::pin(closed.cancelled_owned()));
+                poll_fn(|cx| {
+                    if let Some(closed) = &mut closed {
+                        if closed.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(None);
+                        }
+                    }
+                    match mapped.as_mut().poll(cx) {
+                        Poll::Ready(result) => Poll::Ready(Some(
+                            result.map_err(|payload| Error::panic(first, payload)),
+                        )),
+                        Poll::Pending => match &mut expired {
+                            Some(expired) => expired
+                                .as_mut()
+                                .poll(cx)
+                                .map(|()| Some(Err(Error::timeout(first)))),
+                            None => Poll::Pending,
+                        },
+                    }
+                })
+                .await
+            };
+            match stopped {
+                Some(result) => result,
+                // Nobody wants the item: its future is dropped
+                // already, before its permit is given back.
+                None => return call.skip(),
+            }
+        }
+    };
+    if is_failure(&result) && call.cuts_off(&result) {
+        call.failed_at(first);
+    }
+    call.finish_one(result)
 }
 
 impl<T, F, Fut> Spawn<T> for Tasks<T, F, Fut::Output>
@@ -103,119 +247,111 @@ where
         mut call: Call<Fut::Output>,
         is_failure: IsFailure<Fut::Output>,
     ) {
-        let mapper = Arc::clone(&self.mapper);
-        let first = call.first();
-        let attempt = call.attempt_number();
         let item = match items {
             Batch::One(item) => item,
             // `BATCHES` is false: the engine's sizer is fixed at one item,
             // and only given-back items (blocking calls) are ever split.
             Batch::Many(_) => unreachable!("par_imap: an async call takes one item"),
         };
-        let task = async move {
-            if let Some(budget) = call.shared().budget() {
-                // Taken inside the task: an aborted or dropped call leaves
-                // no waiting acquire behind. Boxed: most maps have no
-                // budget, and the task stays small without it.
-                match Box::pin(Arc::clone(budget).acquire_owned()).await {
-                    Ok(permit) => call.hold(permit),
-                    Err(_closed) => return call.finish_one(Err(Error::cancelled(first))),
-                }
-            }
-            if call.is_unwanted() {
-                return call.skip();
-            }
-            call.start();
-            // The mapper is called inside the task, so an aborted task that
-            // never ran never calls it; and inside `catch_unwind` too: a
-            // panic while making the future is an error of its item as well.
-            let mapped = AssertUnwindSafe(async move { mapper(item).await }).catch_unwind();
-            // The call keeps its own deadline, so it ends (and gives its
-            // permit back) at its deadline even while nobody polls the map.
-            // A deadline past the clock's range is none. The timer is boxed
-            // for the same reason as the budget's wait.
-            let deadline = call
-                .shared()
-                .timeout()
-                .and_then(|timeout| Instant::now().checked_add(timeout));
-            // With a token, the call also ends when the map ends (the token's
-            // watch ends it when the token is cancelled), polled or not.
-            let closed = call
-                .shared()
-                .has_token()
-                .then(|| call.shared().closed().clone());
-            let result = match (deadline, closed) {
-                (None, None) => mapped.await.map_err(|payload| Error::panic(first, payload)),
-                (deadline, closed) => {
-                    // In a block of its own: the future is dropped at its
-                    // end, before the call gives its permit back.
-                    let stopped = {
-                        let mut mapped = pin!(mapped);
-                        let mut expired = deadline.map(|at| Box::pin(tokio::time::sleep_until(at)));
-                        let mut closed = closed.map(|closed| Box::pin(closed.cancelled_owned()));
-                        poll_fn(|cx| {
-                            if let Some(closed) = &mut closed {
-                                if closed.as_mut().poll(cx).is_ready() {
-                                    return Poll::Ready(None);
-                                }
-                            }
-                            match mapped.as_mut().poll(cx) {
-                                Poll::Ready(result) => Poll::Ready(Some(
-                                    result.map_err(|payload| Error::panic(first, payload)),
-                                )),
-                                Poll::Pending => match &mut expired {
-                                    Some(expired) => expired
-                                        .as_mut()
-                                        .poll(cx)
-                                        .map(|()| Some(Err(Error::timeout(first)))),
-                                    None => Poll::Pending,
-                                },
-                            }
-                        })
-                        .await
-                    };
-                    match stopped {
-                        Some(result) => result,
-                        // Nobody wants the item: its future is dropped
-                        // already, before its permit is given back.
-                        None => return call.skip(),
-                    }
-                }
-            };
-            if is_failure(&result) && call.cuts_off(&result) {
-                call.failed_at(first);
-            }
-            call.finish_one(result)
+        let first = call.first();
+        call.report_to(self.reports.sender().clone(), false);
+        let mut job = Job {
+            call,
+            item,
+            is_failure,
         };
-        let handle = runtime.spawn(trace::instrument(trace::call_span(first, attempt), task));
-        self.running.push(Report {
-            call: first,
-            handle,
-        });
+        if self.idle.is_empty() {
+            self.take_freed();
+        }
+        // An idle worker, else a new one; a worker that is gone (its
+        // runtime shut down) hands the job back: one new worker more, and
+        // if that one is gone too, the job is dropped and its call reports
+        // itself cancelled.
+        for _ in 0..2 {
+            let place = match self.idle.pop() {
+                Some(place) => place,
+                None => self.hire(runtime),
+            };
+            let worker = &mut self.workers[place];
+            match worker.jobs.send(job) {
+                Ok(()) => {
+                    worker.call = Some(first);
+                    return;
+                }
+                Err(returned) => {
+                    job = returned.0;
+                    worker.task.abort();
+                    self.vacant.push(place);
+                }
+            }
+        }
+        // Its item's `Drop` may panic: not out of the consumer's poll.
+        drop_contained(job);
     }
 
-    /// One pass over the running tasks: only after a failure.
+    /// One pass over the workers: only after a failure.
     fn abort_from(&mut self, index: usize) {
         self.abort_running(index);
     }
 
-    fn poll_report(&mut self, cx: &mut Context<'_>, _wait: bool) -> Poll<Event<Fut::Output>> {
-        match self.running.poll_next_unpin(cx) {
-            Poll::Ready(Some(event)) => Poll::Ready(event),
-            // None running: nothing to wake the map for.
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
-        }
+    fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<Fut::Output>> {
+        self.reports.poll(cx, wait)
     }
 
     fn close(&mut self) {
-        self.abort_from(0);
-        self.running.clear();
+        self.abort_running(0);
+        for worker in &self.workers {
+            worker.task.abort();
+        }
+        self.workers.clear();
+        self.idle.clear();
+        self.vacant.clear();
+        self.reports.close();
+    }
+}
+
+impl<T, F, Fut> Tasks<T, F, Fut::Output>
+where
+    T: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    /// A new worker on `runtime`, in a vacant place or a new one.
+    fn hire(&mut self, runtime: &Handle) -> usize {
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let place = self.vacant.pop().unwrap_or(self.workers.len());
+        let generation = self
+            .workers
+            .get(place)
+            .map_or(0, |worker| worker.generation + 1);
+        let task = runtime
+            .spawn(work(
+                Arc::clone(&self.mapper),
+                receiver,
+                Arc::clone(&self.freed),
+                (place, generation),
+            ))
+            .abort_handle();
+        let worker = Worker {
+            jobs,
+            task,
+            generation,
+            call: None,
+        };
+        match self.workers.get_mut(place) {
+            Some(vacant) => *vacant = worker,
+            None => self.workers.push(worker),
+        }
+        place
     }
 }
 
 impl<T, F, U> Drop for Tasks<T, F, U> {
-    /// Dropping the map aborts its running calls.
+    /// Dropping the map aborts its workers, and with them its running calls.
     fn drop(&mut self) {
-        self.abort_running(0);
+        for worker in &self.workers {
+            worker.task.abort();
+        }
     }
 }

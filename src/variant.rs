@@ -26,7 +26,7 @@ use crate::task::Tasks;
 #[derive(Debug)]
 pub enum Blocking {}
 
-/// The mapper returns a future, each call spawned as a tokio task.
+/// The mapper returns a future, each call run in a tokio task of the map's own.
 ///
 /// ```
 /// use futures::stream;

@@ -689,3 +689,78 @@ async fn unordered_cancel_names_the_lowest_running_item() {
     token.cancel();
     assert_eq!(results.next().await.unwrap().unwrap_err().index(), 1);
 }
+
+/// An async map runs its calls in tasks of its own, one call at a time
+/// each: never more tasks than calls in flight, however many items (a pool
+/// that hired a task per call would count up to the limit of the runtime's
+/// spare work), and none alive once it has ended, before it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_map_runs_at_most_limit_tasks_and_leaves_none_alive_when_it_ends() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let most = Arc::new(AtomicUsize::new(0));
+    let seen = most.clone();
+    let mut results = stream::iter(0..2_000_u64).par_imap_async(4, move |n| {
+        let seen = seen.clone();
+        let metrics = tokio::runtime::Handle::current().metrics();
+        async move {
+            tokio::task::yield_now().await;
+            seen.fetch_max(metrics.num_alive_tasks(), Ordering::SeqCst);
+            n
+        }
+    });
+    let mut all = Vec::new();
+    while let Some(result) = results.next().await {
+        all.push(result.unwrap());
+    }
+    assert_eq!(all, (0..2_000).collect::<Vec<_>>());
+    let most = most.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&most), "{most} tasks alive with limit 4");
+    let deadline = std::time::Instant::now() + common::hang();
+    while metrics.num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        0,
+        "a task outlived the end of the map"
+    );
+    drop(results);
+}
+
+/// After fail-fast aborted the calls above a failure (hung here), the
+/// calls below it still run to their end, and an ended map leaves no task
+/// alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_map_after_an_abort_maps_what_is_still_owed_and_leaves_no_task() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let release = Arc::new(release);
+    let results: Vec<_> = stream::iter(0..40_u64)
+        .try_par_imap_async(64, move |n| {
+            let mut gate = gate.clone();
+            let release = release.clone();
+            async move {
+                match n {
+                    // Held until item 20 has failed.
+                    0..20 => drop(gate.wait_for(|open| *open).await),
+                    20 => {
+                        let _ = release.send(true);
+                        return Err(anyhow::anyhow!("item 20 fails"));
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+                Ok(n)
+            }
+        })
+        .collect()
+        .await;
+    let (last, before) = results.split_last().expect("results");
+    assert_eq!(last.as_ref().expect_err("item 20 fails").to_string(), "item 20 fails");
+    let before: Vec<u64> = before.iter().map(|r| *r.as_ref().unwrap()).collect();
+    assert_eq!(before, (0..20).collect::<Vec<_>>());
+    let deadline = std::time::Instant::now() + common::hang();
+    while metrics.num_alive_tasks() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(metrics.num_alive_tasks(), 0, "a task outlived the map");
+}

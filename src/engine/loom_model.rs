@@ -231,7 +231,7 @@ impl Rig {
         let first = self.engine.calls.push(len, running);
         self.engine.in_flight += 1;
         let mut call = Call::new(first, shared, progress, Duration::ZERO);
-        call.report_to(self.report.clone());
+        call.report_to(self.report.clone(), true);
         call
     }
 
