@@ -25,6 +25,8 @@ pub(crate) const MOST: usize = 1024;
 pub(crate) struct Sizer {
     /// `.batch(k)`, or 1 for runners that take one item per call.
     fixed: Option<usize>,
+    /// The runner takes one item per call (async): nothing to size.
+    single: bool,
     /// The estimated time per item, in nanoseconds.
     per_item: Option<f64>,
     size: usize,
@@ -35,6 +37,7 @@ impl Sizer {
     pub(crate) fn new(fixed: Option<usize>, batches: bool) -> Self {
         Sizer {
             fixed: fixed.or((!batches).then_some(1)),
+            single: !batches,
             per_item: None,
             size: 1,
         }
@@ -74,7 +77,8 @@ impl Sizer {
     /// preempted costs little); faster ones grow it at most twofold per call.
     pub(crate) fn observe(&mut self, mapped: usize, busy: Duration) {
         // Calls of one item have nothing to size, nor items to steal.
-        if mapped == 0 || self.fixed == Some(1) {
+        // An async runner's calls have nothing to size, nor items to steal.
+        if mapped == 0 || self.single {
             return;
         }
         let sample = busy.as_nanos() as f64 / mapped as f64;

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use futures::FutureExt;
+use futures::task::AtomicWaker;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -54,9 +54,80 @@ struct Job<T, U> {
     is_failure: IsFailure<U>,
 }
 
+/// The one job a worker is handed at a time.
+struct Mailbox<J> {
+    slot: Mutex<Slot<J>>,
+    waker: AtomicWaker,
+}
+
+struct Slot<J> {
+    job: Option<J>,
+    /// The worker is gone: nothing more goes in.
+    closed: bool,
+}
+
+impl<J> Mailbox<J> {
+    fn new() -> Self {
+        Mailbox {
+            slot: Mutex::new(Slot {
+                job: None,
+                closed: false,
+            }),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot<J>> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands `job` to the worker; gives it back if the worker is gone.
+    fn put(&self, job: J) -> Result<(), J> {
+        {
+            let mut slot = self.slot();
+            if slot.closed {
+                return Err(job);
+            }
+            slot.job = Some(job);
+        }
+        self.waker.wake();
+        Ok(())
+    }
+
+    /// The worker's next job, once there is one.
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<J> {
+        if let Some(job) = self.slot().job.take() {
+            return Poll::Ready(job);
+        }
+        self.waker.register(cx.waker());
+        match self.slot().job.take() {
+            Some(job) => Poll::Ready(job),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Nothing more goes in; the job not taken, if any, comes back.
+    fn close(&self) -> Option<J> {
+        let mut slot = self.slot();
+        slot.closed = true;
+        slot.job.take()
+    }
+}
+
+/// Closes a worker's mailbox when the worker goes (aborted, or torn down
+/// with its runtime): a job still in it is dropped, and its call reports
+/// itself cancelled.
+struct Closing<J>(Arc<Mailbox<J>>);
+
+impl<J> Drop for Closing<J> {
+    fn drop(&mut self) {
+        drop_contained(self.0.close());
+    }
+}
+
 /// The runner's side of one worker.
 struct Worker<T, U> {
-    jobs: UnboundedSender<Job<T, U>>,
+    mailbox: Arc<Mailbox<Job<T, U>>>,
     task: AbortHandle,
     generation: u64,
     /// The call it runs, if any.
@@ -104,6 +175,8 @@ impl<T, F, U> Tasks<T, F, U> {
         for (place, worker) in self.workers.iter_mut().enumerate() {
             if worker.call.is_some_and(|call| call >= index) {
                 worker.task.abort();
+                // Not taken yet: its call reports itself cancelled now.
+                drop_contained(worker.mailbox.close());
                 worker.call = None;
                 self.vacant.push(place);
             }
@@ -111,23 +184,25 @@ impl<T, F, U> Tasks<T, F, U> {
     }
 }
 
-/// A worker: maps the calls it is handed, one at a time, until the runner
-/// is gone or aborts it.
+/// A worker: maps the calls it is handed, one at a time, until it is aborted
+/// (by the runner: at the latest when the map ends or is dropped).
 async fn work<T, F, Fut>(
     mapper: Arc<F>,
-    mut jobs: UnboundedReceiver<Job<T, Fut::Output>>,
+    // A guard, not the mailbox: a worker dropped before its first poll (its
+    // runtime shut down) closes its mailbox too.
+    closing: Closing<Job<T, Fut::Output>>,
     freed: Freed,
     id: WorkerId,
 ) where
     F: Fn(T) -> Fut,
     Fut: Future,
 {
-    while let Some(Job {
-        mut call,
-        item,
-        is_failure,
-    }) = jobs.recv().await
-    {
+    loop {
+        let Job {
+            mut call,
+            item,
+            is_failure,
+        } = poll_fn(|cx| closing.0.poll_take(cx)).await;
         let span = trace::call_span(call.first(), call.attempt_number());
         let event = trace::instrument(span, run_call(&*mapper, item, &mut call, is_failure)).await;
         // Free before the report: the engine, once it hears, finds the
@@ -273,13 +348,13 @@ where
                 None => self.hire(runtime),
             };
             let worker = &mut self.workers[place];
-            match worker.jobs.send(job) {
+            match worker.mailbox.put(job) {
                 Ok(()) => {
                     worker.call = Some(first);
                     return;
                 }
                 Err(returned) => {
-                    job = returned.0;
+                    job = returned;
                     worker.task.abort();
                     self.vacant.push(place);
                 }
@@ -319,7 +394,7 @@ where
 {
     /// A new worker on `runtime`, in a vacant place or a new one.
     fn hire(&mut self, runtime: &Handle) -> usize {
-        let (jobs, receiver) = mpsc::unbounded_channel();
+        let mailbox = Arc::new(Mailbox::new());
         let place = self.vacant.pop().unwrap_or(self.workers.len());
         let generation = self
             .workers
@@ -328,13 +403,13 @@ where
         let task = runtime
             .spawn(work(
                 Arc::clone(&self.mapper),
-                receiver,
+                Closing(Arc::clone(&mailbox)),
                 Arc::clone(&self.freed),
                 (place, generation),
             ))
             .abort_handle();
         let worker = Worker {
-            jobs,
+            mailbox,
             task,
             generation,
             call: None,

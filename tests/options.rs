@@ -755,7 +755,10 @@ async fn an_async_map_after_an_abort_maps_what_is_still_owed_and_leaves_no_task(
         .collect()
         .await;
     let (last, before) = results.split_last().expect("results");
-    assert_eq!(last.as_ref().expect_err("item 20 fails").to_string(), "item 20 fails");
+    assert_eq!(
+        last.as_ref().expect_err("item 20 fails").to_string(),
+        "item 20 fails"
+    );
     let before: Vec<u64> = before.iter().map(|r| *r.as_ref().unwrap()).collect();
     assert_eq!(before, (0..20).collect::<Vec<_>>());
     let deadline = std::time::Instant::now() + common::hang();

@@ -401,42 +401,58 @@ fn first_result_table() {
     );
 }
 
-fn async_table(quick: bool) {
-    let rt = runtime();
-    let items = if quick { 20_000 } else { 200_000 };
-    println!("## Async: trivial futures, limit 64, items/s (median of 3)\n");
-    println!("| consumer | buffered over tokio::spawn | par_imap_async | ratio |");
-    println!("|---|---|---|---|");
-    // The consumer in `block_on`, or inside a spawned task.
-    let consume = |in_task: bool, fold: futures::future::BoxFuture<'static, u64>| {
+/// Items/s (median of 3) of `items` trivial futures, limit `limit`,
+/// through `par_imap_async` (`ours`) or buffered over `tokio::spawn`, the
+/// consumer folding them in a spawned task or in `block_on`.
+fn async_rate(
+    rt: &tokio::runtime::Runtime,
+    items: u64,
+    limit: usize,
+    ours: bool,
+    in_task: bool,
+) -> f64 {
+    measure(items, || {
+        let fold = if ours {
+            stream::iter(0..items)
+                .par_imap_async(limit, |i| async move { i })
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                .map(|sum| sum.expect("no panics"))
+                .boxed()
+        } else {
+            stream::iter(0..items)
+                .map(|i| tokio::spawn(async move { i }))
+                .buffered(limit)
+                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
+                .map(|sum| sum.expect("no panics"))
+                .boxed()
+        };
         if in_task {
             rt.block_on(rt.spawn(fold)).expect("no panics")
         } else {
             rt.block_on(fold)
         }
-    };
-    for in_task in [false, true] {
-        let spawned = measure(items, || {
-            let fold = stream::iter(0..items)
-                .map(|i| tokio::spawn(async move { i }))
-                .buffered(64)
-                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) });
-            consume(in_task, fold.map(|sum| sum.expect("no panics")).boxed())
-        });
-        let ours = measure(items, || {
-            let fold = stream::iter(0..items)
-                .par_imap_async(64, |i| async move { i })
-                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) });
-            consume(in_task, fold.map(|sum| sum.expect("no panics")).boxed())
-        });
-        assert_eq!(spawned.1, ours.1);
-        println!(
-            "| {} | {} | {} | {:.2}× |",
-            if in_task { "spawned task" } else { "block_on" },
-            rate(spawned.0),
-            rate(ours.0),
-            ours.0 / spawned.0
-        );
+    })
+    .0
+}
+
+fn async_table(quick: bool) {
+    let rt = runtime();
+    let items = if quick { 20_000 } else { 200_000 };
+    println!("## Async: trivial futures, items/s (median of 3)\n");
+    println!("| limit | consumer | buffered over tokio::spawn | par_imap_async | ratio |");
+    println!("|---|---|---|---|---|");
+    for limit in [16, 64] {
+        for in_task in [true, false] {
+            let spawned = async_rate(&rt, items, limit, false, in_task);
+            let ours = async_rate(&rt, items, limit, true, in_task);
+            println!(
+                "| {limit} | {} | {} | {} | {:.2}× |",
+                if in_task { "spawned task" } else { "block_on" },
+                rate(spawned),
+                rate(ours),
+                ours / spawned
+            );
+        }
     }
 
     let sleeps = if quick { 5_000 } else { 20_000 };
@@ -792,31 +808,22 @@ fn main() {
         println!("{}", rate(rate_now));
         return;
     }
-    if let [mode, items, which] = args.as_slice()
+    if let [mode, items, which, rest @ ..] = args.as_slice()
         && mode == "async-one"
     {
-        // Profiling aid: trivial futures in a spawned task, through
-        // par_imap_async (`ours`) or buffered over tokio::spawn.
+        // Profiling aid: trivial futures through par_imap_async (`ours`) or
+        // buffered over tokio::spawn; limit 64 unless given; the consumer in
+        // a spawned task, or in `block_on` with `block_on` after the limit.
         let items: u64 = items.parse().expect("items");
+        let limit = rest
+            .first()
+            .map_or(64, |limit| limit.parse().expect("limit"));
+        let in_task = rest.get(1).is_none_or(|consumer| consumer != "block_on");
         let rt = runtime();
-        let (rate_now, _) = measure(items, || {
-            let fold = if which == "ours" {
-                stream::iter(0..items)
-                    .par_imap_async(64, |i| async move { i })
-                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
-                    .map(|sum| sum.expect("no panics"))
-                    .boxed()
-            } else {
-                stream::iter(0..items)
-                    .map(|i| tokio::spawn(async move { i }))
-                    .buffered(64)
-                    .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) })
-                    .map(|sum| sum.expect("no panics"))
-                    .boxed()
-            };
-            rt.block_on(rt.spawn(fold)).expect("no panics")
-        });
-        println!("{}", rate(rate_now));
+        println!(
+            "{}",
+            rate(async_rate(&rt, items, limit, which == "ours", in_task))
+        );
         return;
     }
     if let [mode, timeout] = args.as_slice()
