@@ -1,4 +1,6 @@
 //! Semantics 7: any tokio runtime, multi-thread or current-thread.
+mod common;
+
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 
@@ -69,4 +71,38 @@ async fn empty_input_ends_at_once() {
     let mut results = stream::iter(Vec::<u8>::new()).par_imap(2, |n| n);
     assert_eq!(results.size_hint(), (0, Some(0)));
     assert!(results.next().await.is_none());
+}
+
+/// An async map whose runtime shut down right after its first poll, before
+/// the tasks that run its calls were ever polled, ends when polled on
+/// another runtime: each call it had handed out is reported cancelled
+/// (a worker dropped unpolled must not keep a call it was handed).
+#[test]
+fn async_calls_handed_to_tasks_that_never_ran_end_as_cancelled_after_a_shutdown() {
+    let before = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut map = stream::iter(0..8_u64).par_imap_async(4, |n| async move { n });
+    // One poll hands calls to new tasks; `block_on` returns before the
+    // runtime polls any of them, and dropping it drops them unpolled.
+    before.block_on(async {
+        assert!(futures::poll!(map.next()).is_pending());
+    });
+    drop(before);
+    let after = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results: Vec<_> = after.block_on(async {
+        tokio::time::timeout(common::hang(), map.collect::<Vec<_>>())
+            .await
+            .expect("the map ended")
+    });
+    let error = results
+        .last()
+        .expect("a result")
+        .as_ref()
+        .expect_err("the calls were cancelled");
+    assert!(error.is_cancelled(), "{results:?}");
 }
