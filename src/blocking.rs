@@ -17,12 +17,11 @@ use std::thread::{self, Thread};
 use std::time::Instant;
 
 use tokio::runtime::Handle;
-use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batch;
-use crate::call::{self, Call, Event, Reports, Shared};
+use crate::call::{Call, Event, ReportTo, Reports, Shared};
 use crate::current::Current;
 use crate::deadline::Progress;
 use crate::error::Error;
@@ -157,7 +156,7 @@ pub(crate) struct Crew<T, F: Mapper<T>> {
     mapper: F,
     open: Mutex<OpenCalls<T, F::Output>>,
     /// Where a thief's call reports.
-    report: UnboundedSender<Event<F::Output>>,
+    report: ReportTo<F::Output>,
 }
 
 /// The calls open to thieves.
@@ -186,7 +185,7 @@ impl<T, U> Open<T, U> {
 
 impl<T, F: Mapper<T>> Crew<T, F> {
     /// The crew of a map whose thieves' calls report on `report`.
-    pub(crate) fn new(mapper: F, report: UnboundedSender<Event<F::Output>>) -> Self {
+    pub(crate) fn new(mapper: F, report: ReportTo<F::Output>) -> Self {
         Crew {
             mapper,
             open: Mutex::new(Vec::new()),
@@ -307,16 +306,13 @@ where
                 });
                 // With deadlines the owner's results are in its progress:
                 // the engine takes them from there when it hears of this.
-                call::send(
-                    &crew.report,
-                    Event::Stolen {
-                        call: open.call,
-                        done: taken.done,
-                        results: Batch::Many(taken.results),
-                        at,
-                        progress: progress.clone(),
-                    },
-                );
+                crew.report.send(Event::Stolen {
+                    call: open.call,
+                    done: taken.done,
+                    results: Batch::Many(taken.results),
+                    at,
+                    progress: progress.clone(),
+                });
                 progress
             });
             let Some((at, items, progress)) = stolen else {
@@ -515,8 +511,6 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
     use std::time::Duration;
 
-    use tokio::sync::mpsc;
-
     use super::*;
     use crate::options::Order;
     use crate::stats::Counters;
@@ -537,7 +531,8 @@ mod tests {
             }
             n
         };
-        let (report, _) = mpsc::unbounded_channel();
+        // Reports nobody reads: the channel is closed at once.
+        let report = Reports::new().sender().clone();
         (
             Arc::new(Crew::new(Box::new(mapper) as _, report)),
             on_start,

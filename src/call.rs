@@ -3,12 +3,14 @@
 //! makes, and the ticket that makes them exactly once.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
+use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use futures::task::AtomicWaker;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -232,7 +234,7 @@ pub struct Call<U> {
     first: usize,
     shared: Arc<Shared>,
     /// Where the call reports.
-    report: Option<UnboundedSender<Event<U>>>,
+    report: Option<ReportTo<U>>,
     /// Its busy time sizes the next calls (blocking calls).
     sizes: bool,
     /// The report was made: dropping the ticket says nothing more.
@@ -322,7 +324,7 @@ impl<U> Call<U> {
 
     /// The call reports on `report`, also when dropped unfinished; with
     /// `sizes`, its busy time is measured for the sizer (blocking calls).
-    pub(crate) fn report_to(&mut self, report: UnboundedSender<Event<U>>, sizes: bool) {
+    pub(crate) fn report_to(&mut self, report: ReportTo<U>, sizes: bool) {
         self.report = Some(report);
         self.sizes = sizes;
     }
@@ -396,7 +398,7 @@ impl<U> Call<U> {
         if let Some(progress) = &self.progress {
             progress.begin(self.first);
             if let Some(report) = &self.report {
-                let _ = report.send(Event::Started { call: self.first });
+                report.send(Event::Started { call: self.first });
             }
         }
     }
@@ -434,7 +436,7 @@ impl<U> Call<U> {
     /// contained.
     pub(crate) fn send(mut self, event: Event<U>) {
         if let Some(report) = self.report.take() {
-            send(&report, event);
+            report.send(event);
         }
     }
 
@@ -537,40 +539,121 @@ impl<U> Drop for Call<U> {
         } else {
             Error::cancelled(index)
         };
-        send(&report, Event::torn_down(self.first, index, error));
+        report.send(Event::torn_down(self.first, index, error));
     }
 }
 
-/// The channel on which a runner's calls report to the engine.
-#[derive(Debug)]
+/// The channel on which a runner's calls report to the engine: a queue
+/// under a lock, taken by the engine a batch at a time, and the engine's
+/// waker, registered only when it is about to wait.
+struct Channel<U> {
+    queue: Mutex<Queue<U>>,
+    waker: AtomicWaker,
+}
+
+struct Queue<U> {
+    events: VecDeque<Event<U>>,
+    /// The engine is gone: reports are dropped by their senders.
+    closed: bool,
+}
+
+impl<U> Channel<U> {
+    fn queue(&self) -> MutexGuard<'_, Queue<U>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Where a call reports: the sending side of its runner's [`Reports`].
+pub(crate) struct ReportTo<U>(Arc<Channel<U>>);
+
+impl<U> Clone for ReportTo<U> {
+    fn clone(&self) -> Self {
+        ReportTo(Arc::clone(&self.0))
+    }
+}
+
+impl<U> fmt::Debug for ReportTo<U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ReportTo")
+    }
+}
+
+impl<U> ReportTo<U> {
+    /// Sends `event`; if the engine is gone, the event is dropped here
+    /// without letting a panic of its values' `Drop` unwind.
+    pub(crate) fn send(&self, event: Event<U>) {
+        {
+            let mut queue = self.0.queue();
+            if !queue.closed {
+                queue.events.push_back(event);
+                drop(queue);
+                self.0.waker.wake();
+                return;
+            }
+        }
+        event.discard();
+    }
+}
+
+/// The engine's side of the channel on which a runner's calls report.
 pub(crate) struct Reports<U> {
-    report: UnboundedSender<Event<U>>,
-    reports: UnboundedReceiver<Event<U>>,
+    channel: Arc<Channel<U>>,
+    sender: ReportTo<U>,
+    /// Reports taken from the channel, not yet handed to the engine.
+    taken: VecDeque<Event<U>>,
+}
+
+impl<U> fmt::Debug for Reports<U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reports")
+            .field("taken", &self.taken.len())
+            .finish()
+    }
 }
 
 impl<U> Reports<U> {
     pub(crate) fn new() -> Self {
-        let (report, reports) = mpsc::unbounded_channel();
-        Reports { report, reports }
+        let channel = Arc::new(Channel {
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                closed: false,
+            }),
+            waker: AtomicWaker::new(),
+        });
+        Reports {
+            sender: ReportTo(Arc::clone(&channel)),
+            channel,
+            taken: VecDeque::new(),
+        }
     }
 
     /// Where a call reports.
-    pub(crate) fn sender(&self) -> &UnboundedSender<Event<U>> {
-        &self.report
+    pub(crate) fn sender(&self) -> &ReportTo<U> {
+        &self.sender
+    }
+
+    /// The next report that came, if any.
+    pub(crate) fn try_next(&mut self) -> Option<Event<U>> {
+        if self.taken.is_empty() {
+            // All that came, in one go: the queue and the buffer swap.
+            std::mem::swap(&mut self.channel.queue().events, &mut self.taken);
+        }
+        self.taken.pop_front()
     }
 
     /// The next report. Registering the waker costs more than the rest of
     /// a poll: only with `wait`, when the map is about to wait.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<U>> {
-        let event = if wait {
-            self.reports.poll_recv(cx)
-        } else {
-            Poll::Ready(self.reports.try_recv().ok())
-        };
-        match event {
-            Poll::Ready(Some(event)) => Poll::Ready(event),
-            // The runner holds a sender: the channel closes only in `close`.
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        if let Some(event) = self.try_next() {
+            return Poll::Ready(event);
+        }
+        if !wait {
+            return Poll::Pending;
+        }
+        self.channel.waker.register(cx.waker());
+        match self.try_next() {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
         }
     }
 
@@ -578,17 +661,19 @@ impl<U> Reports<U> {
     /// late) are dropped now, later ones by their senders; a panic of an
     /// output's `Drop` is contained.
     pub(crate) fn close(&mut self) {
-        self.reports.close();
-        while let Ok(event) = self.reports.try_recv() {
+        let queued = {
+            let mut queue = self.channel.queue();
+            queue.closed = true;
+            std::mem::take(&mut queue.events)
+        };
+        for event in self.taken.drain(..).chain(queued) {
             event.discard();
         }
     }
 }
 
-/// Sends `event`; if the engine is gone, the event is dropped here without
-/// letting a panic of its values' `Drop` unwind.
-pub(crate) fn send<U>(report: &UnboundedSender<Event<U>>, event: Event<U>) {
-    if let Err(unsent) = report.send(event) {
-        unsent.0.discard();
+impl<U> Drop for Reports<U> {
+    fn drop(&mut self) {
+        self.close();
     }
 }

@@ -36,13 +36,12 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use loom::thread;
-use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 
 use super::{Engine, Running};
 use crate::batch::Batch;
 use crate::blocking::{BlockingJob, Crew};
-use crate::call::{Call, Event};
+use crate::call::{Call, Event, ReportTo, Reports};
 use crate::deadline::Progress;
 use crate::error::Error;
 use crate::options::{Options, Order};
@@ -184,8 +183,8 @@ const IS_FAILURE: IsFailure<Out> = is_failure;
 /// would.
 struct Rig {
     engine: Engine<Out>,
-    report: UnboundedSender<Event<Out>>,
-    reports: UnboundedReceiver<Event<Out>>,
+    report: ReportTo<Out>,
+    reports: Reports<Out>,
     crew: Arc<Crew<Item, Mapper>>,
     ledger: Arc<Ledger>,
 }
@@ -197,7 +196,8 @@ impl Rig {
             keep_going,
             ..Options::new(order, 2)
         };
-        let (report, reports) = mpsc::unbounded_channel();
+        let reports = Reports::new();
+        let report = reports.sender().clone();
         Rig {
             engine: Engine::new(options, true),
             crew: Arc::new(Crew::new(map as Mapper, report.clone())),
@@ -259,7 +259,7 @@ impl Rig {
     /// many of them were steals of items.
     fn take_in_reports(&mut self) -> (usize, usize) {
         let (mut taken, mut steals) = (0, 0);
-        while let Ok(event) = self.reports.try_recv() {
+        while let Some(event) = self.reports.try_next() {
             if matches!(event, Event::Stolen { at: Some(_), .. }) {
                 steals += 1;
             }
@@ -349,9 +349,6 @@ fn forgotten_call(engine_gone: bool) {
             drop(engine);
             ledger.cut.store(true, SeqCst);
             reports.close();
-            while let Ok(event) = reports.try_recv() {
-                event.discard();
-            }
             drop((report, failing));
             owner.join().unwrap();
             if thief.join().unwrap() {
