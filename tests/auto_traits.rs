@@ -149,3 +149,26 @@ fn size_hint_before_the_first_poll_is_honest_about_what_may_come() {
         (1, Some(10))
     );
 }
+
+/// `Debug` shows where the map is: items pulled, yielded, and calls in
+/// flight (found by `cargo mutants`: the three could read anything).
+#[tokio::test(flavor = "current_thread")]
+async fn debug_shows_pulled_yielded_and_in_flight() {
+    let mut results = stream::iter(0..10_u64)
+        .par_imap_async(2, |n| async move {
+            if n > 0 {
+                std::future::pending::<()>().await;
+            }
+            n
+        })
+        .window(4);
+    assert_eq!(results.next().await.unwrap().unwrap(), 0);
+    // Item 0 came; items 1 and 2 run (limit 2); an async map pulls an item
+    // when it can start it.
+    tokio::task::yield_now().await;
+    let debug = format!("{results:?}");
+    assert!(
+        debug.contains("limit: 2, ") && debug.contains("pulled: 3, yielded: 1, in_flight: 2"),
+        "{debug}"
+    );
+}
