@@ -168,7 +168,14 @@ async fn debug_shows_pulled_yielded_and_in_flight() {
     tokio::task::yield_now().await;
     let debug = format!("{results:?}");
     assert!(
-        debug.contains("limit: 2, ") && debug.contains("pulled: 3, yielded: 1, in_flight: 2"),
+        debug.contains("limit: 2, ")
+            && debug.contains("key_order: false, retry: false, ")
+            && debug.contains("pulled: 3, yielded: 1, in_flight: 2"),
         "{debug}"
     );
+    let keyed = stream::iter(0..10_u64)
+        .par_imap(2, |n| n)
+        .key_order(|n: &u64| n % 2);
+    let debug = format!("{keyed:?}");
+    assert!(debug.contains("key_order: true, "), "{debug}");
 }

@@ -147,6 +147,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::batch::Batch;
+    use crate::call::Event;
     use crate::deadline::Progress;
     use crate::options::{Options, Order};
 
@@ -184,6 +186,44 @@ mod tests {
         assert!(
             engine.deadlines.is_empty(),
             "a deadline left armed for the forgotten rest of call 0"
+        );
+    }
+
+    /// A call that reports its end takes its deadline with it: no timer
+    /// stays armed for it (found by `cargo mutants`: with `disarm` a no-op,
+    /// the deadlines of ended calls piled up until each came due, one per
+    /// call within a timeout's span, and every suite passed).
+    #[test]
+    fn a_call_that_ended_leaves_no_deadline_armed() {
+        let timeout = Duration::from_secs(3600);
+        let options = Options {
+            timeout: Some(timeout),
+            ..Options::new(Order::Input, 2)
+        };
+        let mut engine: Engine<u32> = Engine::new(options, true);
+        let progress = Progress::new(0, timeout);
+        let running = Running {
+            progress: Some(Arc::clone(&progress)),
+            deadline: None,
+            retry_on_return: false,
+        };
+        assert_eq!(engine.calls.push(1, running), 0);
+        engine.in_flight = 1;
+        progress.begin(0);
+        engine.arm(0, None);
+        assert!(!engine.deadlines.is_empty(), "armed from the item running");
+        let event = Event::Finished {
+            call: 0,
+            first: 0,
+            results: Batch::One(Ok(7)),
+            mapped: 1,
+            busy: Duration::ZERO,
+            accepted: None,
+        };
+        engine.take_in(event, |result| result.is_err());
+        assert!(
+            engine.deadlines.is_empty(),
+            "the deadline of an ended call stayed armed"
         );
     }
 }
