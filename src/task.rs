@@ -88,6 +88,7 @@ impl<J> Mailbox<J> {
             if slot.closed {
                 return Err(job);
             }
+            debug_assert!(slot.job.is_none(), "par_imap: a busy worker handed a call");
             slot.job = Some(job);
         }
         self.waker.wake();
@@ -381,6 +382,11 @@ where
         self.workers.clear();
         self.idle.clear();
         self.vacant.clear();
+        // Their places are new from here: nothing freed before names them.
+        self.freed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         self.reports.close();
     }
 }
