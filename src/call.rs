@@ -425,6 +425,17 @@ impl<U> Call<U> {
         self.report(self.first, Batch::One(result), 1)
     }
 
+    /// The call unwound outside its mapper before it reported (a value's
+    /// `Drop` panicked): its item's panic error.
+    pub(crate) fn unwound(&mut self, payload: Box<dyn std::any::Any + Send>) -> Event<U> {
+        debug_assert!(!self.reported, "par_imap: a call unwound after its report");
+        self.report(
+            self.first,
+            Batch::One(Err(Error::panic(self.first, payload))),
+            0,
+        )
+    }
+
     /// The call will not run: it is no longer wanted. Not a failure.
     pub(crate) fn skip(&mut self) -> Event<U> {
         self.count_end(0);

@@ -76,7 +76,6 @@ impl Sizer {
     /// (a 1000-fold slowdown takes two calls, a call that was merely
     /// preempted costs little); faster ones grow it at most twofold per call.
     pub(crate) fn observe(&mut self, mapped: usize, busy: Duration) {
-        // Calls of one item have nothing to size, nor items to steal.
         // An async runner's calls have nothing to size, nor items to steal.
         if mapped == 0 || self.single {
             return;

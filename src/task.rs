@@ -205,7 +205,14 @@ async fn work<T, F, Fut>(
             is_failure,
         } = poll_fn(|cx| closing.0.poll_take(cx)).await;
         let span = trace::call_span(call.first(), call.attempt_number());
-        let event = trace::instrument(span, run_call(&*mapper, item, &mut call, is_failure)).await;
+        let run = trace::instrument(span, run_call(&*mapper, item, &mut call, is_failure));
+        let event = match AssertUnwindSafe(run).catch_unwind().await {
+            Ok(event) => event,
+            // A value's `Drop` panicked outside the mapper (its future's,
+            // dropped at its deadline, say): the item's panic error, and the
+            // worker goes on.
+            Err(payload) => call.unwound(payload),
+        };
         // Free before the report: the engine, once it hears, finds the
         // worker idle and may hand it the next call at once.
         freed
@@ -235,10 +242,15 @@ where
         // budget, and the task stays small without it.
         match Box::pin(Arc::clone(budget).acquire_owned()).await {
             Ok(permit) => call.hold(permit),
-            Err(_closed) => return call.finish_one(Err(Error::cancelled(first))),
+            Err(_closed) => {
+                // Before the report: a panic of its `Drop` must not lose it.
+                drop_contained(item);
+                return call.finish_one(Err(Error::cancelled(first)));
+            }
         }
     }
     if call.is_unwanted() {
+        drop_contained(item);
         return call.skip();
     }
     call.start();

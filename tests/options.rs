@@ -364,10 +364,16 @@ async fn a_closed_semaphore_ends_the_map_at_once_at_the_lowest_index_not_yet_yie
     let hold = Arc::new(Mutex::new(Some(hold)));
     let mut results = stream::iter(0..3_u64)
         .par_imap_async(2, move |i| {
-            let hold = hold.lock().unwrap().take();
+            // Only item 0's: item 1's call may take the permit first (the
+            // budget promises no order), and must not take item 0's hold.
+            let hold = if i == 0 {
+                hold.lock().unwrap().take()
+            } else {
+                None
+            };
             async move {
                 // Item 0 holds the only permit until released.
-                if let (0, Some(hold)) = (i, hold) {
+                if let Some(hold) = hold {
                     let _ = hold.await;
                 }
                 i
@@ -380,6 +386,52 @@ async fn a_closed_semaphore_ends_the_map_at_once_at_the_lowest_index_not_yet_yie
         budget.available_permits() == 0
     })
     .await;
+    budget.close();
+    let first = tokio::time::timeout(common::hang(), results.next())
+        .await
+        .expect("the map ends while item 0 still runs")
+        .unwrap();
+    let error = first.unwrap_err();
+    assert!(error.is_cancelled() && error.index() == 0, "{error:?}");
+    assert!(results.next().await.is_none());
+    drop(release);
+}
+
+/// A budget closed while the one call holding its last permit runs, and no
+/// call waits for it, still ends the map at once: the next call starts to
+/// find it closed (found in review of a flaky run: the map waited for the
+/// running call, since no permit was free to start another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_semaphore_closed_while_no_call_waits_ends_the_map_at_once() {
+    let budget = Arc::new(Semaphore::new(1));
+    let (release, hold) = oneshot::channel::<()>();
+    let hold = Arc::new(Mutex::new(Some(hold)));
+    let (items, input) = futures::channel::mpsc::unbounded::<u64>();
+    items.unbounded_send(0).unwrap();
+    let mut results = input
+        .par_imap_async(2, move |i| {
+            let hold = if i == 0 {
+                hold.lock().unwrap().take()
+            } else {
+                None
+            };
+            async move {
+                if let Some(hold) = hold {
+                    let _ = hold.await;
+                }
+                i
+            }
+        })
+        .semaphore(Arc::clone(&budget));
+    // Item 0 runs and holds the only permit; then items 1 and 2 come, and
+    // the budget closes before the map looks at them.
+    assert!(futures::poll!(results.next()).is_pending());
+    common::eventually_async("item 0 holds the permit", || {
+        budget.available_permits() == 0
+    })
+    .await;
+    items.unbounded_send(1).unwrap();
+    items.unbounded_send(2).unwrap();
     budget.close();
     let first = tokio::time::timeout(common::hang(), results.next())
         .await

@@ -1000,7 +1000,7 @@ async fn retry_a_panic_not_retried_starts_nothing_after_it_like_fail_fast() {
 
 /// DESIGN: "When a wait ends, the retry starts before any item with a
 /// higher index." On a blocking map (one call queued behind each running
-/// one): limit 1, item 0 fails at once and may come back after 200 ms;
+/// one): limit 1, item 0 fails at once and may come back after 1 s;
 /// item 1 runs until well after that; item 2 was pulled meanwhile. When
 /// item 1 ends, item 0's retry is due: it must start before item 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1023,19 +1023,32 @@ async fn retry_blocking_a_due_retry_starts_before_a_higher_item_queued_during_it
         .window(8)
         // Long enough that item 2 is pulled before item 0's wait ends, on a
         // loaded machine too (at 20 ms, seen once: item 0's retry took the
-        // queue's place first, and item 2 was never pulled).
-        .retry(Retry::attempts(2).backoff(ms(200), ms(200)).jitter(false));
+        // queue's place first, and item 2 was never pulled; at 200 ms, 4
+        // runs in 20 with a cargo mutants run beside the suite).
+        .retry(Retry::attempts(2).backoff(ms(1000), ms(1000)).jitter(false));
     let stats = map.stats();
     let collect = tokio::spawn(map.try_collect::<Vec<usize>>());
     // Item 0 failed and waits, item 1 runs, item 2 is pulled (its call
-    // queued behind item 1's); then item 0's wait ends (200 ms, with ample
+    // queued behind item 1's); then item 0's wait ends (1 s, with ample
     // room), and only then item 1 returns.
-    common::eventually_async("item 0 to wait and item 2 to be pulled", || {
+    // Waiting on the runtime's timer, not by `eventually_async`'s spin:
+    // that blocks a worker thread between looks, and in 1 run of ~15 on a
+    // loaded machine item 2 was not pulled within 20 s (before and after
+    // the async pool alike); with a timer wait, none in 30.
+    let deadline = std::time::Instant::now() + common::hang();
+    loop {
         let snapshot = stats.snapshot();
-        attempts.of(1) == 1 && snapshot.pulled >= 3 && snapshot.completed >= 1
-    })
-    .await;
-    tokio::time::sleep(ms(600)).await;
+        if attempts.of(1) == 1 && snapshot.pulled >= 3 && snapshot.completed >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "item 0 never waited with item 2 pulled: {snapshot:?}, {:?}",
+            attempts.order()
+        );
+        tokio::time::sleep(ms(1)).await;
+    }
+    tokio::time::sleep(ms(1500)).await;
     gates.open(1);
     let out = collect.await.unwrap().unwrap();
     assert_eq!(out, [0, 1, 2, 3]);

@@ -273,14 +273,16 @@ impl<U> Engine<U> {
 
     /// A call takes its permit of the budget where it runs; while none is
     /// free, one call waiting for it is enough (its report wakes the map),
-    /// so a starved map holds one input item at most.
+    /// so a starved map holds one input item at most. A closed budget lets
+    /// a call start, to find it closed: the map ends at once, not when a
+    /// call that holds a permit returns.
     fn budget_allows(&self) -> bool {
         self.in_flight == 0
             || self
                 .options
                 .budget
                 .as_ref()
-                .is_none_or(|budget| budget.available_permits() > 0)
+                .is_none_or(|budget| budget.available_permits() > 0 || budget.is_closed())
     }
 
     pub(super) fn can_start(&self, batches: bool) -> bool {
