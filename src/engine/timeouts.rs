@@ -152,12 +152,9 @@ mod tests {
     use crate::deadline::Progress;
     use crate::options::{Options, Order};
 
-    /// A fail-fast timeout forgets the rest of its call (and the calls
-    /// after it), and their deadlines with them: no timer stays armed for
-    /// a call nobody waits for. Found by the engine's loom model
-    /// (`loom_deadline_expires_while_the_item_finishes`); here without loom.
-    #[test]
-    fn a_fail_fast_timeout_leaves_no_deadline_armed_for_what_it_forgot() {
+    /// A fail-fast engine with an hour's timeout and one call of `len`
+    /// items running, item 0 started and the call's deadline armed.
+    fn running_call_of(len: usize) -> (Engine<u32>, Duration) {
         let timeout = Duration::from_secs(3600);
         let options = Options {
             timeout: Some(timeout),
@@ -170,10 +167,20 @@ mod tests {
             deadline: None,
             retry_on_return: false,
         };
-        assert_eq!(engine.calls.push(3, running), 0);
-        // Item 0 starts; the engine arms the call's deadline.
+        assert_eq!(engine.calls.push(len, running), 0);
+        engine.in_flight = 1;
         progress.begin(0);
         engine.arm(0, None);
+        (engine, timeout)
+    }
+
+    /// A fail-fast timeout forgets the rest of its call (and the calls
+    /// after it), and their deadlines with them: no timer stays armed for
+    /// a call nobody waits for. Found by the engine's loom model
+    /// (`loom_deadline_expires_while_the_item_finishes`); here without loom.
+    #[test]
+    fn a_fail_fast_timeout_leaves_no_deadline_armed_for_what_it_forgot() {
+        let (mut engine, timeout) = running_call_of(3);
         let at = engine
             .calls
             .running(0)
@@ -195,22 +202,7 @@ mod tests {
     /// call within a timeout's span, and every suite passed).
     #[test]
     fn a_call_that_ended_leaves_no_deadline_armed() {
-        let timeout = Duration::from_secs(3600);
-        let options = Options {
-            timeout: Some(timeout),
-            ..Options::new(Order::Input, 2)
-        };
-        let mut engine: Engine<u32> = Engine::new(options, true);
-        let progress = Progress::new(0, timeout);
-        let running = Running {
-            progress: Some(Arc::clone(&progress)),
-            deadline: None,
-            retry_on_return: false,
-        };
-        assert_eq!(engine.calls.push(1, running), 0);
-        engine.in_flight = 1;
-        progress.begin(0);
-        engine.arm(0, None);
+        let (mut engine, _) = running_call_of(1);
         assert!(!engine.deadlines.is_empty(), "armed from the item running");
         let event = Event::Finished {
             call: 0,
