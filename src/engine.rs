@@ -55,6 +55,9 @@ mod setup;
 mod start;
 mod timeouts;
 
+#[cfg(all(test, not(par_imap_loom)))]
+mod tests;
+
 #[cfg(all(test, par_imap_loom))]
 mod loom_model;
 
