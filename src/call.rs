@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -559,6 +559,9 @@ impl<U> Drop for Call<U> {
 /// waker, registered only when it is about to wait.
 struct Channel<U> {
     queue: Mutex<Queue<U>>,
+    /// Something is queued: the engine looks without taking the lock, which
+    /// the calls reporting would otherwise contend for with every look.
+    queued: AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -597,6 +600,8 @@ impl<U> ReportTo<U> {
             let mut queue = self.0.queue();
             if !queue.closed {
                 queue.events.push_back(event);
+                // Under the lock: the engine clears it as it takes the queue.
+                self.0.queued.store(true, Ordering::Release);
                 drop(queue);
                 self.0.waker.wake();
                 return;
@@ -629,6 +634,7 @@ impl<U> Reports<U> {
                 events: VecDeque::new(),
                 closed: false,
             }),
+            queued: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         });
         Reports {
@@ -645,9 +651,11 @@ impl<U> Reports<U> {
 
     /// The next report that came, if any.
     pub(crate) fn try_next(&mut self) -> Option<Event<U>> {
-        if self.taken.is_empty() {
+        if self.taken.is_empty() && self.channel.queued.load(Ordering::Acquire) {
             // All that came, in one go: the queue and the buffer swap.
-            std::mem::swap(&mut self.channel.queue().events, &mut self.taken);
+            let mut queue = self.channel.queue();
+            std::mem::swap(&mut queue.events, &mut self.taken);
+            self.channel.queued.store(false, Ordering::Relaxed);
         }
         self.taken.pop_front()
     }
