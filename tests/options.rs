@@ -352,6 +352,32 @@ async fn a_closed_semaphore_fails_the_map_at_the_item_that_could_not_start() {
     assert!(error.is_cancelled() && error.index() == 3);
 }
 
+/// A mapper whose item 0 holds its call (and its permit) until the sender
+/// returned is dropped; the other items return at once. Only item 0 takes
+/// the hold: another item's call may take the permit first (the budget
+/// promises no order).
+fn item_0_held() -> (
+    oneshot::Sender<()>,
+    impl Fn(u64) -> futures::future::BoxFuture<'static, u64> + Send + Sync + 'static,
+) {
+    let (release, hold) = oneshot::channel::<()>();
+    let hold = Mutex::new(Some(hold));
+    let mapper = move |i: u64| {
+        let hold = if i == 0 {
+            hold.lock().unwrap().take()
+        } else {
+            None
+        };
+        Box::pin(async move {
+            if let Some(hold) = hold {
+                let _ = hold.await;
+            }
+            i
+        }) as futures::future::BoxFuture<'static, u64>
+    };
+    (release, mapper)
+}
+
 /// A closed budget ends the map at once, with the error at the lowest
 /// index not yet yielded, even while an item before the call that found it
 /// closed still runs (found by `cargo mutants`: a map that took that call's
@@ -360,25 +386,9 @@ async fn a_closed_semaphore_fails_the_map_at_the_item_that_could_not_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_semaphore_ends_the_map_at_once_at_the_lowest_index_not_yet_yielded() {
     let budget = Arc::new(Semaphore::new(1));
-    let (release, hold) = oneshot::channel::<()>();
-    let hold = Arc::new(Mutex::new(Some(hold)));
+    let (release, mapper) = item_0_held();
     let mut results = stream::iter(0..3_u64)
-        .par_imap_async(2, move |i| {
-            // Only item 0's: item 1's call may take the permit first (the
-            // budget promises no order), and must not take item 0's hold.
-            let hold = if i == 0 {
-                hold.lock().unwrap().take()
-            } else {
-                None
-            };
-            async move {
-                // Item 0 holds the only permit until released.
-                if let Some(hold) = hold {
-                    let _ = hold.await;
-                }
-                i
-            }
-        })
+        .par_imap_async(2, mapper)
         .semaphore(Arc::clone(&budget));
     // Item 0 runs, item 1's call waits for the permit; then the budget closes.
     assert!(futures::poll!(results.next()).is_pending());
@@ -404,24 +414,11 @@ async fn a_closed_semaphore_ends_the_map_at_once_at_the_lowest_index_not_yet_yie
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_semaphore_closed_while_no_call_waits_ends_the_map_at_once() {
     let budget = Arc::new(Semaphore::new(1));
-    let (release, hold) = oneshot::channel::<()>();
-    let hold = Arc::new(Mutex::new(Some(hold)));
+    let (release, mapper) = item_0_held();
     let (items, input) = futures::channel::mpsc::unbounded::<u64>();
     items.unbounded_send(0).unwrap();
     let mut results = input
-        .par_imap_async(2, move |i| {
-            let hold = if i == 0 {
-                hold.lock().unwrap().take()
-            } else {
-                None
-            };
-            async move {
-                if let Some(hold) = hold {
-                    let _ = hold.await;
-                }
-                i
-            }
-        })
+        .par_imap_async(2, mapper)
         .semaphore(Arc::clone(&budget));
     // Item 0 runs and holds the only permit; then items 1 and 2 come, and
     // the budget closes before the map looks at them.
