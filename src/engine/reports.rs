@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use super::retries::Retries;
 use super::{Engine, Phase, Running};
 use crate::batch::{Batch, Results};
@@ -20,7 +22,18 @@ impl<U> Engine<U> {
     pub(super) fn take_in(&mut self, event: Event<U>, is_failure: IsFailure<U>) {
         {
             match event {
-                Event::Started { call } => self.arm(call, None),
+                Event::Started { call } => {
+                    // Its first item may have ended already and the next not
+                    // begun: then no item runs to take a deadline from, and
+                    // the call is looked at a timeout from now, no later than
+                    // the next item's own deadline (a hung item of a batch was
+                    // never timed out when the report came in that moment).
+                    let next_look = self
+                        .options
+                        .timeout
+                        .and_then(|timeout| Instant::now().checked_add(timeout));
+                    self.arm(call, next_look);
+                }
                 Event::Skipped { call } => {
                     self.in_flight -= 1;
                     self.ended_for_good(call);

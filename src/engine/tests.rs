@@ -11,9 +11,9 @@ use crate::call::Event;
 use crate::deadline::Progress;
 use crate::options::{Options, Order};
 
-/// A fail-fast engine with an hour's timeout and one call of `len`
-/// items running, item 0 started and the call's deadline armed.
-fn running_call_of(len: usize) -> (Engine<u32>, Duration) {
+/// A fail-fast engine with an hour's timeout and one blocking call of
+/// `len` items handed to a worker, its progress shared, no deadline armed.
+fn call_of(len: usize) -> (Engine<u32>, Arc<Progress<u32>>, Duration) {
     let timeout = Duration::from_secs(3600);
     let options = Options {
         timeout: Some(timeout),
@@ -28,6 +28,12 @@ fn running_call_of(len: usize) -> (Engine<u32>, Duration) {
     };
     assert_eq!(engine.calls.push(len, running), 0);
     engine.in_flight = 1;
+    (engine, progress, timeout)
+}
+
+/// As [`call_of`], item 0 started and the call's deadline armed.
+fn running_call_of(len: usize) -> (Engine<u32>, Duration) {
+    let (mut engine, progress, timeout) = call_of(len);
     progress.begin(0);
     engine.arm(0, None);
     (engine, timeout)
@@ -104,5 +110,23 @@ fn a_skipped_call_gives_back_its_place_in_flight() {
     assert!(
         !engine.calls.is_running(1),
         "call 1 is skipped, not running"
+    );
+}
+
+/// The engine may hear a call start after its first item ended and before
+/// the next began: no item runs then to take a deadline from, and the call
+/// is still armed, to be looked at again. Found by a CI run where
+/// `keep_going_blocking_timeout_given_up_by_the_map_keeps_the_rest_of_its_batch_in_place`
+/// hung: its item 1 was never timed out, no deadline being armed for its
+/// call.
+#[test]
+fn a_call_heard_starting_between_two_items_still_has_a_deadline() {
+    let (mut engine, progress, _) = call_of(2);
+    progress.begin(0);
+    progress.end(0, Ok(0));
+    engine.take_in(Event::Started { call: 0 }, |result| result.is_err());
+    assert!(
+        !engine.deadlines.is_empty(),
+        "no deadline armed: item 1 could hang for ever without a timeout"
     );
 }
