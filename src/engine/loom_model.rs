@@ -425,7 +425,7 @@ fn deadline_while_finishing(timeout: Duration, keep_going: bool) {
         // The engine's task waits; the worker runs meanwhile. The engine
         // arms the call's deadline as `Started` tells it, if it came.
         thread::yield_now();
-        rig.take_in_reports();
+        let (heard, _) = rig.take_in_reports();
         // The timer fires: the engine's clock is past any deadline. The
         // deadline leaves the engine's list as `poll_due` takes it.
         let now = Instant::now() + 2 * HOUR;
@@ -439,7 +439,15 @@ fn deadline_while_finishing(timeout: Duration, keep_going: bool) {
                 rig.engine.deadlines.remove(at, 0);
                 "the deadline was armed from `Started`"
             }
-            None => "the timer fired before `Started` came",
+            None => {
+                // Heard start and not yet end: it must have a deadline, also
+                // when `Started` came between two of its items.
+                assert!(
+                    heard == 0 || rig.engine.calls.running(0).is_none(),
+                    "the engine heard call 0 start and armed no deadline for it"
+                );
+                "the timer fired before `Started` came"
+            }
         });
         rig.engine.expire(0, at.unwrap_or(now), now, timeout);
         let engine_first = rig.stats().failed > 0;
