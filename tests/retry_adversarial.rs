@@ -999,17 +999,27 @@ async fn retry_a_panic_not_retried_starts_nothing_after_it_like_fail_fast() {
 }
 
 /// DESIGN: "When a wait ends, the retry starts before any item with a
-/// higher index." On a blocking map (one call queued behind each running
-/// one): limit 1, item 0 fails at once and may come back after 1 s;
-/// item 1 runs until well after that; item 2 was pulled meanwhile. When
-/// item 1 ends, item 0's retry is due: it must start before item 2.
+/// higher index." On a blocking map, limit 1: item 0 fails at once and may
+/// come back after 1 s; items 1 and 2 come meanwhile, in one call
+/// (`.batch(2)`), and item 1 runs until well after that. When item 1
+/// ends, item 0's retry is due: it must start before item 2, the next
+/// item of item 1's call.
+///
+/// Item 0 comes alone, and items 1 to 3 all at once later, so that the
+/// calls are what the test says whatever the machine's load: with every item ready
+/// and adaptive sizes, a first attempt of item 0 slower than 250 µs (seen
+/// on a loaded machine: 275 µs) kept the next call at one item, item 2 was
+/// never pulled, and the test waited for it for 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_blocking_a_due_retry_starts_before_a_higher_item_queued_during_its_wait() {
     let attempts = Attempts::default();
     let seen = attempts.clone();
     let gates = common::Gates::default();
     let gate = gates.clone();
-    let map = stream::iter(0..4_usize)
+    let (more, more_came) = tokio::sync::oneshot::channel::<()>();
+    let input = stream::iter([0_usize])
+        .chain(stream::once(more_came).flat_map(|_| stream::iter(1..4_usize)));
+    let map = input
         .try_par_imap(1, move |n: usize| {
             let attempt = seen.start(n);
             if (n, attempt) == (0, 1) {
@@ -1020,34 +1030,37 @@ async fn retry_blocking_a_due_retry_starts_before_a_higher_item_queued_during_it
             }
             Ok(n)
         })
+        .batch(2)
         .window(8)
-        // Long enough that item 2 is pulled before item 0's wait ends, on a
-        // loaded machine too (at 20 ms, seen once: item 0's retry took the
-        // queue's place first, and item 2 was never pulled; at 200 ms, 4
-        // runs in 20 with a cargo mutants run beside the suite).
         .retry(Retry::attempts(2).backoff(ms(1000), ms(1000)).jitter(false));
     let stats = map.stats();
     let collect = tokio::spawn(map.try_collect::<Vec<usize>>());
-    // Item 0 failed and waits, item 1 runs, item 2 is pulled (its call
-    // queued behind item 1's); then item 0's wait ends (1 s, with ample
-    // room), and only then item 1 returns.
     // Waiting on the runtime's timer, not by `eventually_async`'s spin:
-    // that blocks a worker thread between looks, and in 1 run of ~15 on a
-    // loaded machine item 2 was not pulled within 20 s (before and after
-    // the async pool alike); with a timer wait, none in 30.
+    // that blocks a worker thread between looks.
     let deadline = std::time::Instant::now() + common::hang();
-    loop {
-        let snapshot = stats.snapshot();
-        if attempts.of(1) == 1 && snapshot.pulled >= 3 && snapshot.completed >= 1 {
-            break;
+    let mut wait_for = async |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {:?}, {:?}",
+                stats.snapshot(),
+                attempts.order()
+            );
+            tokio::time::sleep(ms(1)).await;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "item 0 never waited with item 2 pulled: {snapshot:?}, {:?}",
-            attempts.order()
-        );
-        tokio::time::sleep(ms(1)).await;
-    }
+    };
+    wait_for("item 0 never failed to wait", &|| {
+        stats.snapshot().waiting == 1
+    })
+    .await;
+    // Item 0 waits; items 1 and 2 come, in one call, and item 1 runs.
+    more.send(()).unwrap();
+    wait_for("item 1 never started", &|| {
+        attempts.of(1) == 1 && stats.snapshot().pulled >= 3
+    })
+    .await;
+    // Item 0's wait ends (1 s, with ample room) while item 1 runs; only
+    // then item 1 returns.
     tokio::time::sleep(ms(1500)).await;
     gates.open(1);
     let out = collect.await.unwrap().unwrap();
