@@ -130,7 +130,7 @@ where
     fn abort_from(&mut self, _index: usize) {}
 
     fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<F::Output>> {
-        self.reports.poll(cx, wait)
+        self.reports.poll(cx, wait).map(|(event, _)| event)
     }
 
     fn close(&mut self) {

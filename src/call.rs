@@ -445,9 +445,15 @@ impl<U> Call<U> {
     /// Sends the call's report on its channel. The engine is gone when this
     /// fails: the report is dropped here, a panic of its values' `Drop`
     /// contained.
-    pub(crate) fn send(mut self, event: Event<U>) {
+    pub(crate) fn send(self, event: Event<U>) {
+        self.send_from(event, None);
+    }
+
+    /// As [`send`](Self::send), from the async worker `from`: the report
+    /// also tells the runner that the worker is free for the next call.
+    pub(crate) fn send_from(mut self, event: Event<U>, from: Option<WorkerId>) {
         if let Some(report) = self.report.take() {
-            report.send(event);
+            report.send_from(event, from);
         }
     }
 
@@ -565,8 +571,15 @@ struct Channel<U> {
     waker: AtomicWaker,
 }
 
+/// An async worker's name: its place in its runner's list, and which of
+/// the workers that held that place it is.
+pub(crate) type WorkerId = (usize, u64);
+
+/// A report, and the async worker that sent it when one did.
+pub(crate) type Report<U> = (Event<U>, Option<WorkerId>);
+
 struct Queue<U> {
-    events: VecDeque<Event<U>>,
+    events: VecDeque<Report<U>>,
     /// The engine is gone: reports are dropped by their senders.
     closed: bool,
 }
@@ -596,10 +609,15 @@ impl<U> ReportTo<U> {
     /// Sends `event`; if the engine is gone, the event is dropped here
     /// without letting a panic of its values' `Drop` unwind.
     pub(crate) fn send(&self, event: Event<U>) {
+        self.send_from(event, None);
+    }
+
+    /// As [`send`](Self::send), from the async worker `from`.
+    pub(crate) fn send_from(&self, event: Event<U>, from: Option<WorkerId>) {
         {
             let mut queue = self.0.queue();
             if !queue.closed {
-                queue.events.push_back(event);
+                queue.events.push_back((event, from));
                 // Under the lock: the engine clears it as it takes the queue.
                 self.0.queued.store(true, Ordering::Release);
                 drop(queue);
@@ -616,7 +634,7 @@ pub(crate) struct Reports<U> {
     channel: Arc<Channel<U>>,
     sender: ReportTo<U>,
     /// Reports taken from the channel, not yet handed to the engine.
-    taken: VecDeque<Event<U>>,
+    taken: VecDeque<Report<U>>,
 }
 
 impl<U> fmt::Debug for Reports<U> {
@@ -650,7 +668,7 @@ impl<U> Reports<U> {
     }
 
     /// The next report that came, if any.
-    pub(crate) fn try_next(&mut self) -> Option<Event<U>> {
+    pub(crate) fn try_next(&mut self) -> Option<Report<U>> {
         if self.taken.is_empty() && self.channel.queued.load(Ordering::Acquire) {
             // All that came, in one go: the queue and the buffer swap.
             let mut queue = self.channel.queue();
@@ -662,16 +680,16 @@ impl<U> Reports<U> {
 
     /// The next report. Registering the waker costs more than the rest of
     /// a poll: only with `wait`, when the map is about to wait.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<U>> {
-        if let Some(event) = self.try_next() {
-            return Poll::Ready(event);
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Report<U>> {
+        if let Some(report) = self.try_next() {
+            return Poll::Ready(report);
         }
         if !wait {
             return Poll::Pending;
         }
         self.channel.waker.register(cx.waker());
         match self.try_next() {
-            Some(event) => Poll::Ready(event),
+            Some(report) => Poll::Ready(report),
             None => Poll::Pending,
         }
     }
@@ -685,7 +703,7 @@ impl<U> Reports<U> {
             queue.closed = true;
             std::mem::take(&mut queue.events)
         };
-        for event in self.taken.drain(..).chain(queued) {
+        for (event, _) in self.taken.drain(..).chain(queued) {
             event.discard();
         }
     }

@@ -21,17 +21,10 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::batch::Batch;
-use crate::call::{Call, Event, Reports};
+use crate::call::{Call, Event, Reports, WorkerId};
 use crate::error::{Error, drop_contained};
 use crate::spawn::{IsFailure, Spawn};
 use crate::trace;
-
-/// A worker's name: its place in the runner's list, and which of the
-/// workers that held that place it is.
-type WorkerId = (usize, u64);
-
-/// The workers that finished their call since the runner last looked.
-type Freed = Arc<Mutex<Vec<WorkerId>>>;
 
 /// The runner of the async variants: the mapper, shared by the workers,
 /// the workers, and the channel on which their calls report.
@@ -42,7 +35,6 @@ pub struct Tasks<T, F, U> {
     idle: Vec<usize>,
     /// Places of workers that were aborted, for the next hired.
     vacant: Vec<usize>,
-    freed: Freed,
     reports: Reports<U>,
 }
 
@@ -151,22 +143,18 @@ impl<T, F, U> Tasks<T, F, U> {
             workers: Vec::new(),
             idle: Vec::new(),
             vacant: Vec::new(),
-            freed: Arc::new(Mutex::new(Vec::new())),
             reports: Reports::new(),
         }
     }
 
-    /// Takes back the workers that finished their calls: they are idle
-    /// now, unless aborted meanwhile (their place is another's then).
-    fn take_freed(&mut self) {
-        let mut freed = self.freed.lock().unwrap_or_else(PoisonError::into_inner);
-        for (place, generation) in freed.drain(..) {
-            let Some(worker) = self.workers.get_mut(place) else {
-                continue;
-            };
-            if worker.generation == generation && worker.call.take().is_some() {
-                self.idle.push(place);
-            }
+    /// The worker `from` reported the end of its call: it is idle now,
+    /// unless it was aborted meanwhile (its place is vacant or another's).
+    fn freed(&mut self, (place, generation): WorkerId) {
+        let Some(worker) = self.workers.get_mut(place) else {
+            return;
+        };
+        if worker.generation == generation && worker.call.take().is_some() {
+            self.idle.push(place);
         }
     }
 
@@ -192,7 +180,6 @@ async fn work<T, F, Fut>(
     // A guard, not the mailbox: a worker dropped before its first poll (its
     // runtime shut down) closes its mailbox too.
     closing: Closing<Job<T, Fut::Output>>,
-    freed: Freed,
     id: WorkerId,
 ) where
     F: Fn(T) -> Fut,
@@ -213,13 +200,9 @@ async fn work<T, F, Fut>(
             // worker goes on.
             Err(payload) => call.unwound(payload),
         };
-        // Free before the report: the engine, once it hears, finds the
-        // worker idle and may hand it the next call at once.
-        freed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(id);
-        call.send(event);
+        // The report frees the worker: the engine, once it hears, may hand
+        // it the next call at once.
+        call.send_from(event, Some(id));
     }
 }
 
@@ -348,9 +331,6 @@ where
             item,
             is_failure,
         };
-        if self.idle.is_empty() {
-            self.take_freed();
-        }
         // An idle worker, else a new one; a worker that is gone (its
         // runtime shut down) hands the job back: one new worker more, and
         // if that one is gone too, the job is dropped and its call reports
@@ -383,7 +363,12 @@ where
     }
 
     fn poll_report(&mut self, cx: &mut Context<'_>, wait: bool) -> Poll<Event<Fut::Output>> {
-        self.reports.poll(cx, wait)
+        self.reports.poll(cx, wait).map(|(event, from)| {
+            if let Some(from) = from {
+                self.freed(from);
+            }
+            event
+        })
     }
 
     fn close(&mut self) {
@@ -394,11 +379,6 @@ where
         self.workers.clear();
         self.idle.clear();
         self.vacant.clear();
-        // Their places are new from here: nothing freed before names them.
-        self.freed
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
         self.reports.close();
     }
 }
@@ -422,7 +402,6 @@ where
             .spawn(work(
                 Arc::clone(&self.mapper),
                 Closing(Arc::clone(&mailbox)),
-                Arc::clone(&self.freed),
                 (place, generation),
             ))
             .abort_handle();

@@ -259,7 +259,7 @@ impl Rig {
     /// many of them were steals of items.
     fn take_in_reports(&mut self) -> (usize, usize) {
         let (mut taken, mut steals) = (0, 0);
-        while let Some(event) = self.reports.try_next() {
+        while let Some((event, _)) = self.reports.try_next() {
             if matches!(event, Event::Stolen { at: Some(_), .. }) {
                 steals += 1;
             }
