@@ -1038,7 +1038,7 @@ async fn retry_blocking_a_due_retry_starts_before_a_higher_item_queued_during_it
     // Waiting on the runtime's timer, not by `eventually_async`'s spin:
     // that blocks a worker thread between looks.
     let deadline = std::time::Instant::now() + common::hang();
-    let mut wait_for = async |what: &str, done: &dyn Fn() -> bool| {
+    let wait_for = async |what: &str, done: &dyn Fn() -> bool| {
         while !done() {
             assert!(
                 std::time::Instant::now() < deadline,
