@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::Batch;
 use crate::call::{Call, Event, ReportTo, Reports, Shared};
 use crate::current::Current;
-use crate::deadline::Progress;
+use crate::deadline::{Ended, GiveUp, Progress};
 use crate::error::Error;
 use crate::error::{drop_contained, drop_each};
 use crate::spawn::{IsFailure, Spawn};
@@ -387,18 +387,35 @@ where
         // this item's panic, like one of the mapper's.
         let result = panic::catch_unwind(AssertUnwindSafe(|| crew.mapper.call(item)))
             .map_err(|payload| Error::panic(index, payload));
-        if is_failure(&result) && call_ref.cuts_off(&result) {
+        // With deadlines the result is judged as its progress takes it.
+        if call_ref.progress().is_none() && is_failure(&result) && call_ref.cuts_off(&result) {
             call_ref.failed_at(index);
         }
         result
     };
     // With deadlines the result goes to the progress, which turns it into a
-    // timeout if the item ran past its deadline. An item that `.retry` may
-    // try again was judged by `map_one`; its timeout, by the engine.
+    // timeout if the item ran past its deadline, or drops it if the engine
+    // gave the item up meanwhile. The result is judged first (the predicate
+    // of `.retry` is user code, never asked under the progress's lock), and
+    // the verdict stands only if the result was kept: an overrun is a
+    // timeout, which cuts the map off unless `.retry` may try it (then the
+    // engine judges it); an item given up is the engine's to decide. (A
+    // late `Err` that `.retry` does not take, after the engine timed the
+    // item out to retry it, cut the map off here, and the map hung.)
     let settle =
         |index: usize, result: Result<F::Output, Error>, progress: &Progress<F::Output>| {
-            if progress.end(index, result) && !call_ref.may_retry() {
-                call_ref.failed_at(index);
+            let cuts =
+                !progress.is_given_up(index) && is_failure(&result) && call_ref.cuts_off(&result);
+            match progress.end(index, result) {
+                Ended::Kept if cuts => call_ref.failed_at(index),
+                Ended::Kept => {}
+                Ended::Overran => {
+                    call_ref.forget_verdict();
+                    if !call_ref.may_retry() {
+                        call_ref.failed_at(index);
+                    }
+                }
+                Ended::GivenUp => call_ref.forget_verdict(),
             }
         };
     let items = match items {

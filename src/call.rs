@@ -322,6 +322,13 @@ impl<U> Call<U> {
         !accepted.unwrap_or(false)
     }
 
+    /// What [`cuts_off`](Self::cuts_off) said no longer stands: the result
+    /// it judged became a timeout, or was dropped (the engine gave the item
+    /// up), and the engine judges the item.
+    pub(crate) fn forget_verdict(&self) {
+        self.accepted.set(None);
+    }
+
     /// The call reports on `report`, also when dropped unfinished; with
     /// `sizes`, its busy time is measured for the sizer (blocking calls).
     pub(crate) fn report_to(&mut self, report: ReportTo<U>, sizes: bool) {

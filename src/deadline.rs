@@ -245,25 +245,24 @@ impl<U> Progress<U> {
 
     /// Item `index` ended with `result`: kept for the engine, as a timeout
     /// if it ran past its deadline (the engine had not seen it yet), or
-    /// dropped if the engine gave up on it already. Returns whether it is
-    /// a timeout the engine has yet to hear of.
-    pub(crate) fn end(&self, index: usize, result: Result<U, Error>) -> bool {
+    /// dropped if the engine gave up on it already. Returns which.
+    pub(crate) fn end(&self, index: usize, result: Result<U, Error>) -> Ended {
         let mut state = self.lock();
         let overran = self.overran(&state, index);
         state.running = None;
-        let dropped = if state.given_up == Some(index) {
-            Some(result)
+        let (ended, dropped) = if state.given_up == Some(index) {
+            (Ended::GivenUp, Some(result))
         } else if overran {
             state.results.push(Err(Error::timeout(index)));
-            Some(result)
+            (Ended::Overran, Some(result))
         } else {
             state.results.push(result);
-            None
+            (Ended::Kept, None)
         };
         drop(state);
         // Outside the lock: the result's `Drop` is user code.
         drop_contained(dropped);
-        overran
+        ended
     }
 
     /// When the item running now reaches its deadline (`None` if no item
@@ -318,6 +317,18 @@ impl<U> Progress<U> {
         state.untaken += state.results.len();
         (first, std::mem::take(&mut state.results))
     }
+}
+
+/// What became of an item's result as its worker handed it in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Kept for the engine as it is.
+    Kept,
+    /// It ran past its deadline before the engine saw it: a timeout now,
+    /// which the engine has yet to hear of.
+    Overran,
+    /// The engine timed it out already: dropped.
+    GivenUp,
 }
 
 /// A call whose items the engine may give up on one by one (timeouts).

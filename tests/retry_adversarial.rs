@@ -1179,3 +1179,140 @@ async fn retry_blocking_pending_backoff_does_not_make_the_map_spin() {
     let polls = polls.load(Ordering::SeqCst);
     assert!(polls < 200, "{polls} polls for 6 attempts: the map spins");
 }
+
+// ---- a late result of an item the map timed out (blocking, `.timeout`) ----
+
+/// The error of the mappers below: their own, or the map's (a timeout).
+#[derive(Debug)]
+enum Late {
+    Map(par_imap::Error),
+    Mine,
+}
+
+impl From<par_imap::Error> for Late {
+    fn from(error: par_imap::Error) -> Self {
+        Late::Map(error)
+    }
+}
+
+/// `.retry` that tries timeouts again and nothing else.
+fn retry_timeouts_only() -> Retry<Late> {
+    Retry::attempts(3)
+        .backoff(ms(1), ms(1))
+        .jitter(false)
+        .when(|error: &Late| matches!(error, Late::Map(error) if error.is_timeout()))
+}
+
+/// The map times item 0 out while its first attempt runs (polled, 30 ms),
+/// to retry it once its thread returns; the attempt then returns an `Err`
+/// that `.retry` does not take. The timeout stands and is retried; the
+/// late `Err` is dropped. (Found in review: the worker judged the late
+/// `Err` itself, cut the map off at item 0, and the map, finding its retry
+/// unwanted, skipped it and hung.) Ordered and unordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_a_late_err_after_the_map_timed_its_item_out_is_retried_as_the_timeout() {
+    for unordered in [false, true] {
+        let attempts = Attempts::default();
+        let seen = attempts.clone();
+        let mapper = move |n: usize| {
+            if (n, seen.start(n)) == (0, 1) {
+                // Well past its 30 ms, so that the map gives it up first
+                // (if a loaded machine lets the worker see its own overrun
+                // first, the timeout is the same and so is the outcome).
+                std::thread::sleep(ms(200));
+                return Err(Late::Mine);
+            }
+            Ok(n)
+        };
+        let input = stream::iter(0..4_usize);
+        let map = if unordered {
+            input
+                .try_par_imap_unordered(2, mapper)
+                .timeout(ms(30))
+                .retry(retry_timeouts_only())
+                .boxed()
+        } else {
+            input
+                .try_par_imap(2, mapper)
+                .timeout(ms(30))
+                .retry(retry_timeouts_only())
+                .boxed()
+        };
+        let out: Vec<Result<usize, Late>> = tokio::time::timeout(common::hang(), map.collect())
+            .await
+            .unwrap_or_else(|_| panic!("the map hung (unordered: {unordered})"));
+        let mut ok: Vec<usize> = out
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        ok.sort_unstable();
+        assert_eq!(ok, [0, 1, 2, 3], "unordered: {unordered}: {out:?}");
+        assert_eq!(attempts.of(0), 2, "item 0 retried once");
+    }
+}
+
+/// The same with a plain variant and a late panic (not retried without
+/// `.retry_panics()`): the map's timeout stands and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_a_late_panic_after_the_map_timed_its_item_out_is_retried_as_the_timeout() {
+    let attempts = Attempts::default();
+    let seen = attempts.clone();
+    let map = stream::iter(0..4_usize)
+        .par_imap(2, move |n: usize| {
+            if (n, seen.start(n)) == (0, 1) {
+                std::thread::sleep(ms(200));
+                panic!("late");
+            }
+            n
+        })
+        .timeout(ms(30))
+        .retry(Retry::attempts(3).backoff(ms(1), ms(1)).jitter(false));
+    let out: Vec<Result<usize, par_imap::Error>> =
+        tokio::time::timeout(common::hang(), map.collect())
+            .await
+            .expect("the map hung");
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    assert_eq!(attempts.of(0), 2, "item 0 retried once");
+}
+
+/// Nobody polls while item 0 overruns: its worker sees the overrun and
+/// makes the late `Err` a timeout, which `.retry` takes. The timeout is
+/// what is judged, not the `Err` it replaced. (Found in review: the worker
+/// judged the `Err`, which `.retry` refuses, and the item failed with a
+/// timeout that `.retry` would have tried again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_an_item_that_overran_while_nobody_polled_is_judged_as_its_timeout() {
+    let attempts = Attempts::default();
+    let seen = attempts.clone();
+    let judged = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&judged);
+    let map =
+        stream::iter(0..2_usize)
+            .try_par_imap(2, move |n: usize| {
+                if (n, seen.start(n)) == (0, 1) {
+                    std::thread::sleep(ms(150));
+                    return Err(Late::Mine);
+                }
+                Ok(n)
+            })
+            .timeout(ms(30))
+            .retry(Retry::attempts(3).backoff(ms(1), ms(1)).jitter(false).when(
+                move |error: &Late| {
+                    record.lock().unwrap().push(format!("{error:?}"));
+                    matches!(error, Late::Map(error) if error.is_timeout())
+                },
+            ));
+    let mut map = std::pin::pin!(map);
+    assert!(futures::poll!(map.next()).is_pending());
+    // Not polled while item 0 runs past its deadline and returns.
+    tokio::time::sleep(ms(400)).await;
+    let out: Vec<Result<usize, Late>> = tokio::time::timeout(common::hang(), map.collect())
+        .await
+        .expect("the map hung");
+    assert!(
+        out.iter().all(Result::is_ok),
+        "{out:?}; the predicate saw {:?}",
+        judged.lock().unwrap()
+    );
+    assert_eq!(attempts.of(0), 2, "item 0 retried once");
+}
