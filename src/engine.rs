@@ -252,7 +252,7 @@ impl<U> Engine<U> {
             while let Poll::Ready(event) = runner.poll_report(cx, false) {
                 self.take_in(event, is_failure);
             }
-            self.expire_deadlines(cx);
+            self.expire_deadlines(cx, is_failure);
             self.wake_retries(cx);
             if let Some(index) = self.abort_from.take() {
                 runner.abort_from(index);

@@ -273,3 +273,46 @@ async fn keep_going_drops_every_value_once() {
     drop(first);
     tracker.wait_all_dropped();
 }
+
+/// `.keep_going()` with `.timeout`: a failure that comes to the map along
+/// with a later item's timeout in the same call is counted in `Stats`,
+/// like the timeout (found in review: only the timeout was counted, unless
+/// a thief happened to deliver the failure first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_going_a_failure_delivered_with_a_timeout_is_counted() {
+    let gates = Gates::default();
+    let wait = gates.clone();
+    let map = stream::iter(0..2_u64)
+        .try_par_imap(1, move |n| {
+            if n == 0 {
+                return Err(anyhow::anyhow!("item 0 fails"));
+            }
+            // Item 1 runs until the consumer has its timeout.
+            wait.wait(1);
+            Ok(n)
+        })
+        .batch(2)
+        .timeout(Duration::from_millis(50))
+        .keep_going();
+    let stats = map.stats();
+    let mut map = std::pin::pin!(map);
+    let bound = common::hang();
+    let first = tokio::time::timeout(bound, map.next()).await.unwrap();
+    let first = first.unwrap().unwrap_err();
+    assert_eq!(first.to_string(), "item 0 fails");
+    let second = tokio::time::timeout(bound, map.next()).await.unwrap();
+    let second = second.unwrap().unwrap_err();
+    let timeout = second.downcast_ref::<par_imap::Error>();
+    assert!(
+        timeout.is_some_and(par_imap::Error::is_timeout),
+        "{second:?}"
+    );
+    gates.open(1);
+    assert!(
+        tokio::time::timeout(bound, map.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(stats.snapshot().failed, 2, "{:?}", stats.snapshot());
+}

@@ -449,7 +449,8 @@ fn deadline_while_finishing(timeout: Duration, keep_going: bool) {
                 "the timer fired before `Started` came"
             }
         });
-        rig.engine.expire(0, at.unwrap_or(now), now, timeout);
+        rig.engine
+            .expire(0, at.unwrap_or(now), now, timeout, IS_FAILURE);
         let engine_first = rig.stats().failed > 0;
         rig.ledger
             .cut

@@ -53,7 +53,7 @@ fn a_fail_fast_timeout_leaves_no_deadline_armed_for_what_it_forgot() {
     let at = at.expect("armed from the item running");
     // The timer fires, long after: `poll_due` takes the deadline out.
     engine.deadlines.remove(at, 0);
-    engine.expire(0, at, at + timeout, timeout);
+    engine.expire(0, at, at + timeout, timeout, |result| result.is_err());
     assert_eq!(engine.failed_at(), Some(0), "item 0 timed out: fail-fast");
     assert!(
         engine.deadlines.is_empty(),

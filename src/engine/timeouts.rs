@@ -13,6 +13,7 @@ use crate::deadline::Due;
 use crate::deadline::Expiry;
 use crate::error::Error;
 use crate::reorder::Part;
+use crate::spawn::IsFailure;
 
 /// How soon to look again at a call with deadlines that ran no item when
 /// its deadline came (between two items, or its report on its way).
@@ -55,7 +56,7 @@ impl<U> Engine<U> {
     }
 
     /// Times out the items that ran past their deadline.
-    pub(super) fn expire_deadlines(&mut self, cx: &mut Context<'_>) {
+    pub(super) fn expire_deadlines(&mut self, cx: &mut Context<'_>, is_failure: IsFailure<U>) {
         let Some(timeout) = self.options.timeout else {
             return;
         };
@@ -75,7 +76,7 @@ impl<U> Engine<U> {
         }
         for (at, call) in due {
             // The timer may fire within its millisecond before `at`.
-            self.expire(call, at, Instant::now().max(at), timeout);
+            self.expire(call, at, Instant::now().max(at), timeout, is_failure);
         }
         if self.deadlines.arm(cx).is_err() {
             self.phase = Phase::CancelledUnder;
@@ -86,7 +87,14 @@ impl<U> Engine<U> {
     /// timed out if it is past its own deadline; otherwise the call's
     /// deadline is armed again. The call's worker may be finishing that
     /// item at this very moment (`engine/loom_model.rs`).
-    pub(super) fn expire(&mut self, call: usize, at: Instant, now: Instant, timeout: Duration) {
+    pub(super) fn expire(
+        &mut self,
+        call: usize,
+        at: Instant,
+        now: Instant,
+        timeout: Duration,
+        is_failure: IsFailure<U>,
+    ) {
         let Some((running, _)) = self.calls.running(call) else {
             return;
         };
@@ -104,7 +112,17 @@ impl<U> Engine<U> {
                 first,
                 mut earlier,
                 index,
-            } => self.time_out(call, first, &mut earlier, index, now, timeout),
+            } => {
+                // `.keep_going()`: failures the call finished before the item
+                // timed out come with the timeout, and count like any other
+                // (under fail-fast none can: the call stopped at the first).
+                if self.options.keep_going {
+                    for _ in earlier.iter().filter(|result| is_failure(result)) {
+                        self.counters.failed();
+                    }
+                }
+                self.time_out(call, first, &mut earlier, index, now, timeout);
+            }
         }
     }
 
