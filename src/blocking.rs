@@ -6,6 +6,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 
 #[cfg(par_imap_loom)]
@@ -62,6 +63,8 @@ where
 {
     workers: Workers<BlockingJob<T, F>>,
     reports: Reports<F::Output>,
+    /// The crew's count of calls handed out and not yet open to thieves.
+    unlisted: Arc<AtomicUsize>,
 }
 
 impl<T, F> BlockingRunner<T, F>
@@ -72,9 +75,12 @@ where
 {
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
         let reports = Reports::new();
+        let crew = Crew::new(mapper, reports.sender().clone());
+        let unlisted = Arc::clone(&crew.unlisted);
         BlockingRunner {
-            workers: Workers::new(Crew::new(mapper, reports.sender().clone()), limit),
+            workers: Workers::new(crew, limit),
             reports,
+            unlisted,
         }
     }
 }
@@ -109,8 +115,11 @@ where
         is_failure: IsFailure<F::Output>,
     ) {
         call.report_to(self.reports.sender().clone(), true);
-        let job = BlockingJob::new(items, call, is_failure);
+        let mut job = BlockingJob::new(items, call, is_failure);
         let shared = job.items.len() > 1;
+        if shared {
+            job.unlisted = Some(Unlisted::new(&self.unlisted));
+        }
         let worker = self.workers.push(job);
         // Someone to take the items of a call of several should one hang.
         let thief = if shared {
@@ -157,6 +166,32 @@ pub(crate) struct Crew<T, F: Mapper<T>> {
     open: Mutex<OpenCalls<T, F::Output>>,
     /// Where a thief's call reports.
     report: ReportTo<F::Output>,
+    /// Calls of several items handed to the workers and not yet open to
+    /// thieves (their worker waits for a permit, say): while there are
+    /// some, an idle worker stays to look again rather than leave, or
+    /// nobody would be left to share them.
+    unlisted: Arc<AtomicUsize>,
+}
+
+/// How soon an idle worker looks again while a call of several items is
+/// handed out but not yet open to thieves.
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// One call of several items handed to the workers and not yet open to
+/// thieves, counted in its crew while this lives.
+struct Unlisted(Arc<AtomicUsize>);
+
+impl Unlisted {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Unlisted(Arc::clone(count))
+    }
+}
+
+impl Drop for Unlisted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The calls open to thieves.
@@ -190,6 +225,7 @@ impl<T, F: Mapper<T>> Crew<T, F> {
             mapper,
             open: Mutex::new(Vec::new()),
             report,
+            unlisted: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -218,6 +254,9 @@ pub(crate) struct BlockingJob<T, F: Mapper<T>> {
     items: Batch<T>,
     call: Call<F::Output>,
     is_failure: IsFailure<F::Output>,
+    /// A call of several items from the engine: counted until it is open
+    /// to thieves.
+    unlisted: Option<Unlisted>,
     mapper: PhantomData<fn() -> F>,
 }
 
@@ -231,6 +270,7 @@ impl<T, F: Mapper<T>> BlockingJob<T, F> {
             items,
             call,
             is_failure,
+            unlisted: None,
             mapper: PhantomData,
         }
     }
@@ -251,9 +291,10 @@ where
             items,
             mut call,
             is_failure,
+            unlisted,
             ..
         } = self;
-        let event = map_call(&mut call, items, crew, is_failure);
+        let event = map_call(&mut call, items, crew, is_failure, unlisted);
         call.send(event);
     }
 
@@ -338,7 +379,11 @@ where
                 open.is_failure,
             ));
         }
-        soonest.map_or(Steal::Nothing, Steal::At)
+        match soonest {
+            Some(at) => Steal::At(at),
+            None if crew.unlisted.load(Ordering::Relaxed) > 0 => Steal::At(now + LOOK_AGAIN),
+            None => Steal::Nothing,
+        }
     }
 }
 
@@ -351,6 +396,7 @@ fn map_call<T, F: Mapper<T>>(
     items: Batch<T>,
     crew: &Crew<T, F>,
     is_failure: IsFailure<F::Output>,
+    unlisted: Option<Unlisted>,
 ) -> Event<F::Output>
 where
     T: Send + 'static,
@@ -444,6 +490,7 @@ where
         }),
     };
     crew.open().push(Arc::clone(&listed.open));
+    drop(unlisted);
     let loot = &listed.open.loot;
     let mut last = None;
     let mut mapped = 0;

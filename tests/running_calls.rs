@@ -1019,3 +1019,44 @@ async fn async_future_drop_panic_at_a_deadline_is_that_items_panic_error() {
         }
     }
 }
+
+/// A call of several items whose worker first waits for a permit of the
+/// budget (longer than an idle worker's spell) is still shared once it
+/// runs: its item 1 hangs, and items 0 and 2 come meanwhile. (Found in
+/// review: the idle worker started with the call looked, found nothing
+/// open yet, and left the pool after its spell; nobody was left to take
+/// item 2 or deliver item 0.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_waited_for_its_permit_is_still_shared_when_an_item_hangs() {
+    let (release, hang) = mpsc::channel::<()>();
+    let hang = std::sync::Mutex::new(Some(hang));
+    let budget = Arc::new(tokio::sync::Semaphore::new(2));
+    let held = Arc::clone(&budget).acquire_many_owned(2).await.unwrap();
+    let mut results = stream::iter(0..3_u64)
+        .par_imap_unordered(2, move |n| {
+            if n == 1 {
+                // Until the test ends.
+                let hang = hang.lock().unwrap().take();
+                let _ = hang.map(|hang| hang.recv());
+            }
+            n
+        })
+        .batch(3)
+        .semaphore(Arc::clone(&budget));
+    assert!(futures::poll!(results.next()).is_pending());
+    // Far longer than an idle worker's spell (50 ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let next = tokio::time::timeout(BOUND, results.next()).await;
+        got.push(
+            next.expect("an item after the hung one never came")
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    drop(release);
+    got.sort_unstable();
+    assert_eq!(got, [0, 2]);
+}
