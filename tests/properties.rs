@@ -830,6 +830,24 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The drawn failures panic on the runtime's threads, hundreds per run,
+/// and printing a backtrace for each (debug build, `RUST_BACKTRACE` set)
+/// can take longer than a blocking case's 200 ms deadline on a loaded
+/// machine: the drawn panic then came as that item's timeout, which the
+/// model does not expect (seen once under load). Panics there are not
+/// printed; the test thread's still are.
+fn quiet_mapper_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some("tokio-rt-worker") {
+                default(info);
+            }
+        }));
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -859,6 +877,7 @@ proptest! {
 
     #[test]
     fn blocking_invariants_hold(case in case(true)) {
+        quiet_mapper_panics();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_time()
