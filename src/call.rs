@@ -198,8 +198,9 @@ pub enum Event<U> {
         mapped: usize,
         busy: Duration,
         /// `.retry`: what the policy said of its failed item, if the call
-        /// asked (so the user's predicate sees each failure once).
-        accepted: Option<bool>,
+        /// asked (so the user's predicate sees each failure once), or the
+        /// panic of the predicate.
+        accepted: Option<Verdict>,
     },
     /// An idle worker took from the running `call` (see
     /// [`steal`](crate::steal)) its `results` so far, from index `done` on
@@ -261,7 +262,7 @@ pub struct Call<U> {
     /// report comes.
     may_retry: Option<Retryable<U>>,
     /// What `may_retry` said of the call's failed item.
-    accepted: Cell<Option<bool>>,
+    accepted: Said,
     /// `.retry`: which attempt of its item this is (1 for the first).
     attempt: u32,
 }
@@ -287,7 +288,7 @@ impl<U> Call<U> {
             permit: None,
             steal_after,
             may_retry: None,
-            accepted: Cell::new(None),
+            accepted: Said(Cell::new(None)),
             attempt: 1,
         }
     }
@@ -317,16 +318,19 @@ impl<U> Call<U> {
         };
         // A panic of the predicate: not retried; the engine asks again and
         // makes it the item's panic error.
-        let accepted = retryable.accepts(result).ok();
-        self.accepted.set(accepted);
-        !accepted.unwrap_or(false)
+        let verdict = retryable.accepts(result);
+        let retries = verdict.as_ref().is_ok_and(|accepted| *accepted);
+        // Kept for the engine, the panic too: it is the item's panic error,
+        // and the predicate is not asked again.
+        self.accepted.0.set(Some(verdict));
+        !retries
     }
 
     /// What [`cuts_off`](Self::cuts_off) said no longer stands: the result
     /// it judged became a timeout, or was dropped (the engine gave the item
     /// up), and the engine judges the item.
     pub(crate) fn forget_verdict(&self) {
-        self.accepted.set(None);
+        self.accepted.0.set(None);
     }
 
     /// The call reports on `report`, also when dropped unfinished; with
@@ -484,7 +488,7 @@ impl<U> Call<U> {
             results,
             mapped,
             busy,
-            accepted: self.accepted.take(),
+            accepted: self.accepted.0.take(),
         }
     }
 
@@ -576,6 +580,27 @@ struct Channel<U> {
     /// the calls reporting would otherwise contend for with every look.
     queued: AtomicBool,
     waker: AtomicWaker,
+}
+
+/// What `.retry`'s predicate said of a failure: whether it retries, or its
+/// panic.
+pub(crate) type Verdict = Result<bool, Box<dyn std::any::Any + Send>>;
+
+/// What the call's worker learnt from the predicate, until it reports.
+struct Said(Cell<Option<Verdict>>);
+
+impl fmt::Debug for Said {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = self.0.take();
+        let shown = match &verdict {
+            None => "not asked",
+            Some(Ok(true)) => "retries",
+            Some(Ok(false)) => "does not retry",
+            Some(Err(_)) => "panicked",
+        };
+        self.0.set(verdict);
+        f.write_str(shown)
+    }
 }
 
 /// An async worker's name: its place in its runner's list, and which of

@@ -1316,3 +1316,72 @@ async fn retry_an_item_that_overran_while_nobody_polled_is_judged_as_its_timeout
     );
     assert_eq!(attempts.of(0), 2, "item 0 retried once");
 }
+
+// ---- a `.when` predicate that panics where the call runs ----
+
+/// A `.when` predicate that panics on its first call only, then retries.
+fn panics_once_then_retries() -> Retry<anyhow::Error> {
+    let calls = Arc::new(AtomicUsize::new(0));
+    Retry::attempts(3).when(move |_: &anyhow::Error| {
+        assert!(
+            calls.fetch_add(1, Ordering::SeqCst) != 0,
+            "the predicate panics on its first call"
+        );
+        true
+    })
+}
+
+/// Whether `error` is the map's own error and `what` holds of it.
+fn is_maps(error: &anyhow::Error, what: fn(&par_imap::Error) -> bool) -> bool {
+    error.downcast_ref::<par_imap::Error>().is_some_and(what)
+}
+
+/// DESIGN (`.retry`): "A panic of ... the `.when` predicate, is that item's
+/// panic error (not tried again)", also when it panics where the call runs.
+/// (Found in review: the call cut the map off at the item, the engine asked
+/// the predicate again, which retried, found the item cut off and skipped
+/// it: no failure was ever recorded and the map hung.)
+#[tokio::test(start_paused = true)]
+async fn retry_a_predicate_panicking_where_the_call_runs_is_the_items_panic_error() {
+    let map = stream::iter(0..3_usize)
+        .try_par_imap_async(2, |n| async move {
+            if n == 1 {
+                Err(anyhow::anyhow!("item 1 fails"))
+            } else {
+                Ok(n)
+            }
+        })
+        .retry(panics_once_then_retries());
+    let out = tokio::time::timeout(Duration::from_secs(600), map.collect::<Vec<_>>())
+        .await
+        .expect("the map hung after the predicate panicked");
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(*out[0].as_ref().unwrap(), 0);
+    let error = out[1].as_ref().unwrap_err();
+    assert!(is_maps(error, par_imap::Error::is_panic), "{error:?}");
+}
+
+/// The same with `.keep_going()`: the item's panic error at its place, not
+/// tried again (found in review: it was retried, and yielded its mapper's
+/// `Err` after three attempts).
+#[tokio::test(start_paused = true)]
+async fn retry_keep_going_a_predicate_panicking_where_the_call_runs_is_not_retried() {
+    let map = stream::iter(0..3_usize)
+        .try_par_imap_async(2, |n| async move {
+            if n == 1 {
+                Err(anyhow::anyhow!("item 1 fails"))
+            } else {
+                Ok(n)
+            }
+        })
+        .keep_going()
+        .retry(panics_once_then_retries());
+    let stats = map.stats();
+    let out = tokio::time::timeout(Duration::from_secs(600), map.collect::<Vec<_>>())
+        .await
+        .expect("the map hung");
+    assert_eq!(out.len(), 3, "{out:?}");
+    let error = out[1].as_ref().unwrap_err();
+    assert!(is_maps(error, par_imap::Error::is_panic), "{error:?}");
+    assert_eq!(stats.snapshot().retried, 0);
+}

@@ -17,6 +17,7 @@ use std::task::Context;
 use super::{Engine, Phase};
 use crate::batch::Batch;
 use crate::batch::Results;
+use crate::call::Verdict;
 use crate::error::{Error, drop_contained, drop_each};
 use crate::retry::{Backoff, Cut};
 use crate::trace;
@@ -152,7 +153,7 @@ impl<U> Engine<U> {
         &mut self,
         call: usize,
         results: &mut Results<U>,
-        accepted: Option<bool>,
+        accepted: Option<Verdict>,
     ) -> Retries {
         let Some(retry) = &self.retry else {
             return Retries::No;
@@ -165,7 +166,7 @@ impl<U> Engine<U> {
             return Retries::No;
         };
         let accepted = match (accepted, results.last()) {
-            (Some(accepted), _) => Ok(accepted),
+            (Some(verdict), _) => verdict,
             (None, Some(last)) if results.len() == 1 => retry.retryable.accepts(last),
             _ => Ok(false),
         };
