@@ -173,7 +173,11 @@ where
     /// pre-empted: from its deadline on [`is_cancelled`](crate::is_cancelled)
     /// is true inside it, its output is dropped when it returns, and it
     /// counts against `limit` (and holds its [`semaphore`](ParImap::semaphore)
-    /// permit) until it really ends.
+    /// permit) until it really ends. So an item that still has to run while
+    /// such a call goes on (after it with `.keep_going()`; or, under
+    /// fail-fast, an item below it that [`key_order`](ParImap::key_order) or
+    /// a `.retry` wait let it overtake) waits for a free place; with every
+    /// place held by a hung thread, it waits for that thread to return.
     ///
     /// # Panics
     ///
