@@ -369,7 +369,7 @@ impl<U> Engine<U> {
     /// queued calls and the input are dropped, in that order.
     fn end_map<St: Stream, R: Spawn<St::Item>>(
         &mut self,
-        mut input: Pin<&mut Option<Input<St>>>,
+        input: Pin<&mut Option<Input<St>>>,
         runner: &mut R,
     ) {
         self.phase = Phase::Ended;
@@ -388,7 +388,7 @@ impl<U> Engine<U> {
         self.cancelled = None;
         self.token_watch = None;
         runner.close();
-        input.set(None);
+        drop_input(input);
     }
 
     /// Upper bound of the items still to come, if the input gives one.
@@ -422,10 +422,18 @@ impl<U> Engine<U> {
     }
 }
 
-impl<U> Drop for Engine<U> {
-    /// Dropping the stream cancels first: nothing starts any more, before
-    /// the runner and the input (declared after the engine) are dropped.
-    fn drop(&mut self) {
+/// Drops the map's input: the items it still holds, never pulled, are input
+/// items too, and a panic of their `Drop` is contained.
+pub(crate) fn drop_input<St: Stream>(input: Pin<&mut Option<Input<St>>>) {
+    let mut input = input;
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| input.set(None)));
+}
+
+impl<U> Engine<U> {
+    /// The map is dropped: nothing starts any more, and the results not
+    /// yielded go. Before the runner and the input are dropped; again, at
+    /// no cost, as the engine itself is dropped.
+    pub(crate) fn cancel_on_drop(&mut self) {
         if let Some(shared) = &self.shared {
             shared.close();
         }
@@ -441,5 +449,13 @@ impl<U> Drop for Engine<U> {
                 in_flight = self.in_flight
             );
         }
+    }
+}
+
+impl<U> Drop for Engine<U> {
+    /// Dropping the stream cancels first: nothing starts any more, before
+    /// the runner and the input (declared after the engine) are dropped.
+    fn drop(&mut self) {
+        self.cancel_on_drop();
     }
 }

@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, Retryable, Retrying};
+use crate::engine::{Engine, Retryable, Retrying, drop_input};
 #[cfg(doc)]
 use crate::error::Error;
 use crate::keys::{Input, KeyFn};
@@ -66,6 +66,23 @@ pin_project! {
         // `None` once the map has ended: an ended map holds no input.
         #[pin]
         input: Option<Input<St>>,
+    }
+
+    impl<St, F, K> PinnedDrop for ParImap<St, F, K>
+    where
+        St: Stream,
+        K: Kind<St::Item, F>,
+    {
+        /// In the fields' order: the engine cancels, the runner aborts the
+        /// running async calls and drops the queued ones, then the input
+        /// goes, a panic of its items' `Drop` contained (those never pulled
+        /// are input items too).
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            this.engine.cancel_on_drop();
+            this.runner.close();
+            drop_input(this.input);
+        }
     }
 }
 

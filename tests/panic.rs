@@ -112,3 +112,65 @@ fn error_is_send_sync_static_and_an_std_error() {
     assert_eq!(boxed.to_string(), "item 0 panicked: x");
     let _: anyhow::Error = anyhow::Error::from(*boxed.downcast::<par_imap::Error>().unwrap());
 }
+
+/// An input item that panics as it drops, outside any unwinding.
+struct PanicsOnDrop(usize);
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("input item {} panics as it drops", self.0);
+        }
+    }
+}
+
+/// Input items never pulled are input items too: the map fails at item 0
+/// and ends, dropping its input, which still holds items 1 to 3; their
+/// `Drop`'s panic is contained, not out of `poll_next` (found in review).
+/// Async and blocking.
+#[tokio::test(flavor = "current_thread")]
+async fn unpulled_input_items_panicking_in_drop_at_the_maps_end_are_contained() {
+    use futures::FutureExt;
+    for blocking in [false, true] {
+        let input = stream::iter((0..4).map(PanicsOnDrop).collect::<Vec<_>>());
+        let map = if blocking {
+            input
+                .par_imap(1, |item: PanicsOnDrop| -> usize {
+                    std::mem::forget(item);
+                    panic!("mapper fails")
+                })
+                .window(1)
+                .boxed()
+        } else {
+            input
+                .par_imap_async(1, |item: PanicsOnDrop| {
+                    std::mem::forget(item);
+                    async move { panic!("mapper fails") }
+                })
+                .window(1)
+                .boxed()
+        };
+        let collected = std::panic::AssertUnwindSafe(map.collect::<Vec<Result<usize, _>>>())
+            .catch_unwind()
+            .await;
+        let results = collected.unwrap_or_else(|_| panic!("blocking {blocking}: out of poll_next"));
+        assert_eq!(results.len(), 1);
+        assert!(results[0].as_ref().unwrap_err().is_panic());
+    }
+}
+
+/// The same items dropped with the stream, the consumer having taken what
+/// it wanted: contained, not out of the map's `Drop` (found in review).
+#[tokio::test(flavor = "current_thread")]
+async fn unpulled_input_items_panicking_in_drop_when_the_map_is_dropped_are_contained() {
+    let mut map = stream::iter((0..4).map(PanicsOnDrop).collect::<Vec<_>>())
+        .par_imap_async(1, |item: PanicsOnDrop| {
+            let n = item.0;
+            std::mem::forget(item);
+            async move { n }
+        })
+        .window(1);
+    assert_eq!(map.next().await.unwrap().unwrap(), 0);
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(map)));
+    assert!(dropped.is_ok(), "a panic out of the map's Drop");
+}
