@@ -6,7 +6,6 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 
 #[cfg(par_imap_loom)]
@@ -30,7 +29,7 @@ use crate::error::{drop_contained, drop_each};
 use crate::spawn::{IsFailure, Spawn};
 use crate::steal::Loot;
 use crate::trace;
-use crate::workers::{Job, Steal, Workers};
+use crate::workers::{Job, Opening, Steal, Workers};
 
 /// The function a blocking call applies to each of its items: a closure,
 /// or a closure with per-worker state ([`WithInit`](crate::WithInit)).
@@ -63,8 +62,6 @@ where
 {
     workers: Workers<BlockingJob<T, F>>,
     reports: Reports<F::Output>,
-    /// The crew's count of calls handed out and not yet open to thieves.
-    unlisted: Arc<AtomicUsize>,
 }
 
 impl<T, F> BlockingRunner<T, F>
@@ -75,12 +72,9 @@ where
 {
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
         let reports = Reports::new();
-        let crew = Crew::new(mapper, reports.sender().clone());
-        let unlisted = Arc::clone(&crew.unlisted);
         BlockingRunner {
-            workers: Workers::new(crew, limit),
+            workers: Workers::new(Crew::new(mapper, reports.sender().clone()), limit),
             reports,
-            unlisted,
         }
     }
 }
@@ -115,11 +109,8 @@ where
         is_failure: IsFailure<F::Output>,
     ) {
         call.report_to(self.reports.sender().clone(), true);
-        let mut job = BlockingJob::new(items, call, is_failure);
-        let shared = job.items.len() > 1;
-        if shared {
-            job.unlisted = Some(Unlisted::new(&self.unlisted));
-        }
+        let job = BlockingJob::new(items, call, is_failure);
+        let shared = job.opens();
         let worker = self.workers.push(job);
         // Someone to take the items of a call of several should one hang.
         let thief = if shared {
@@ -166,32 +157,6 @@ pub(crate) struct Crew<T, F: Mapper<T>> {
     open: Mutex<OpenCalls<T, F::Output>>,
     /// Where a thief's call reports.
     report: ReportTo<F::Output>,
-    /// Calls of several items handed to the workers and not yet open to
-    /// thieves (their worker waits for a permit, say): while there are
-    /// some, an idle worker stays to look again rather than leave, or
-    /// nobody would be left to share them.
-    unlisted: Arc<AtomicUsize>,
-}
-
-/// How soon an idle worker looks again while a call of several items is
-/// handed out but not yet open to thieves.
-const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// One call of several items handed to the workers and not yet open to
-/// thieves, counted in its crew while this lives.
-struct Unlisted(Arc<AtomicUsize>);
-
-impl Unlisted {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Unlisted(Arc::clone(count))
-    }
-}
-
-impl Drop for Unlisted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// The calls open to thieves.
@@ -225,7 +190,6 @@ impl<T, F: Mapper<T>> Crew<T, F> {
             mapper,
             open: Mutex::new(Vec::new()),
             report,
-            unlisted: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -254,9 +218,6 @@ pub(crate) struct BlockingJob<T, F: Mapper<T>> {
     items: Batch<T>,
     call: Call<F::Output>,
     is_failure: IsFailure<F::Output>,
-    /// A call of several items from the engine: counted until it is open
-    /// to thieves.
-    unlisted: Option<Unlisted>,
     mapper: PhantomData<fn() -> F>,
 }
 
@@ -270,7 +231,6 @@ impl<T, F: Mapper<T>> BlockingJob<T, F> {
             items,
             call,
             is_failure,
-            unlisted: None,
             mapper: PhantomData,
         }
     }
@@ -286,15 +246,14 @@ where
 
     /// Maps the items in order, stopping at the first item the map no
     /// longer wants; the rest are dropped unmapped.
-    fn run(self, crew: &Crew<T, F>) {
+    fn run(self, crew: &Crew<T, F>, opening: Opening<'_>) {
         let BlockingJob {
             items,
             mut call,
             is_failure,
-            unlisted,
             ..
         } = self;
-        let event = map_call(&mut call, items, crew, is_failure, unlisted);
+        let event = map_call(&mut call, items, crew, is_failure, opening);
         call.send(event);
     }
 
@@ -303,6 +262,11 @@ where
         let BlockingJob { items, call, .. } = self;
         drop_each(items);
         drop(call);
+    }
+
+    /// A call of several items opens to thieves once it holds its permit.
+    fn opens(&self) -> bool {
+        self.items.len() > 1
     }
 
     /// Takes from a running call past its steal time (the one with the
@@ -379,11 +343,7 @@ where
                 open.is_failure,
             ));
         }
-        match soonest {
-            Some(at) => Steal::At(at),
-            None if crew.unlisted.load(Ordering::Relaxed) > 0 => Steal::At(now + LOOK_AGAIN),
-            None => Steal::Nothing,
-        }
+        soonest.map_or(Steal::Nothing, Steal::At)
     }
 }
 
@@ -396,7 +356,7 @@ fn map_call<T, F: Mapper<T>>(
     items: Batch<T>,
     crew: &Crew<T, F>,
     is_failure: IsFailure<F::Output>,
-    unlisted: Option<Unlisted>,
+    opening: Opening<'_>,
 ) -> Event<F::Output>
 where
     T: Send + 'static,
@@ -490,7 +450,7 @@ where
         }),
     };
     crew.open().push(Arc::clone(&listed.open));
-    drop(unlisted);
+    drop(opening);
     let loot = &listed.open.loot;
     let mut last = None;
     let mut mapped = 0;
@@ -626,7 +586,7 @@ mod tests {
         let job = BlockingJob::new(Batch::from_vec(vec![0, 1, 2, 3]), call, Result::is_err);
         let owner = {
             let crew = Arc::clone(&crew);
-            thread::spawn(move || job.run(&crew))
+            thread::spawn(move || job.run(&crew, Opening::none()))
         };
         on_start.recv().expect("item 0 started");
         (crew, release, owner)

@@ -60,8 +60,17 @@ pub(crate) trait Job: Send + Sized + 'static {
     /// What every job of one pool shares (e.g. the mapper).
     type Crew: Send + Sync + 'static;
 
-    /// Does the work, on a worker's thread.
-    fn run(self, shared: &Self::Crew);
+    /// Does the work, on a worker's thread. A job that [`opens`](Job::opens)
+    /// drops `opening` once others may steal from it (or once it knows it
+    /// never will); until then the pool's idle workers stay.
+    fn run(self, shared: &Self::Crew, opening: Opening<'_>);
+
+    /// Whether the job, once running, may open itself to thieves later than
+    /// it starts (a call of several items that first waits for a permit,
+    /// say). Asked under the lock as a worker takes it from the queue.
+    fn opens(&self) -> bool {
+        false
+    }
 
     /// Work a worker that found the queue empty may take from jobs running
     /// on other workers (work stealing), or when to look again. Asked
@@ -82,8 +91,38 @@ pub(crate) enum Steal<J> {
     Job(J),
     /// Nothing yet; something may be taken from this moment on.
     At(std::time::Instant),
-    /// Nothing, and nothing will be without a new job.
+    /// Nothing, and nothing will be without a new job or a running one
+    /// opening (see [`Job::opens`]).
     Nothing,
+}
+
+/// A running job's promise to say when it is open to thieves: dropping it
+/// wakes the idle workers to look again. While a job holds one, an idle
+/// worker that finds nothing to steal waits, without a deadline, instead of
+/// leaving: it is woken by the opening, not by polling.
+#[derive(Debug)]
+pub(crate) struct Opening<'a> {
+    pool: Option<&'a dyn Opened>,
+}
+
+impl Opening<'_> {
+    /// For a job run outside a pool (a stolen one opens at once).
+    pub(crate) fn none() -> Self {
+        Opening { pool: None }
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.opened();
+        }
+    }
+}
+
+/// The pool's side of [`Opening`], without its job type.
+trait Opened: fmt::Debug + Sync {
+    fn opened(&self);
 }
 
 /// The workers of one map, owned by its stream. Dropping it closes the
@@ -107,6 +146,11 @@ struct Queue<J> {
     idle: usize,
     /// Wake-ups sent and not yet taken by a worker.
     woken: usize,
+    /// Running jobs that may still open to thieves (their `Opening` lives).
+    unopened: usize,
+    /// How many jobs opened so far: a worker that looked for work to steal
+    /// outside the lock looks again if this moved meanwhile.
+    openings: usize,
     closed: bool,
     clock: idle::Clock,
 }
@@ -124,6 +168,8 @@ impl<J: Job> Workers<J> {
                     workers: 0,
                     idle: 0,
                     woken: 0,
+                    unopened: 0,
+                    openings: 0,
                     closed: false,
                     clock: idle::Clock::new(),
                 }),
@@ -233,15 +279,15 @@ impl<J: Job> Pool<J> {
         queue
     }
 
-    /// The next job, or `None` when the worker leaves; it is then no longer
-    /// counted, decided under the same lock so that a pusher never counts
-    /// on a worker that is leaving.
-    fn next_job(&self) -> Option<J> {
+    /// The next job and its [`Opening`], or `None` when the worker leaves;
+    /// it is then no longer counted, decided under the same lock so that a
+    /// pusher never counts on a worker that is leaving.
+    fn next_job(&self) -> Option<(J, Opening<'_>)> {
         let mut queue = self.lock();
         let spell_end = queue.clock.spell_end();
         loop {
             if let Some(job) = queue.jobs.pop_front() {
-                return Some(job);
+                return Some(self.take(&mut queue, job));
             }
             if queue.closed {
                 queue.workers -= 1;
@@ -250,25 +296,32 @@ impl<J: Job> Pool<J> {
             // Nothing queued: before idling, look for work to steal from the
             // running jobs, outside the lock (this worker stays counted and
             // not idle, so a pusher meanwhile relies on it to look again).
+            let openings = queue.openings;
             drop(queue);
             let steal_at = match J::steal(&self.shared) {
-                Steal::Job(job) => return Some(job),
+                Steal::Job(job) => return Some((job, Opening::none())),
                 Steal::At(at) => Some(at),
                 Steal::Nothing => None,
             };
             queue = self.lock();
             if let Some(job) = queue.jobs.pop_front() {
-                return Some(job);
+                return Some(self.take(&mut queue, job));
             }
+            if queue.openings != openings {
+                continue; // a job opened while this one looked: look again
+            }
+            // A running job may still open: stay, without a deadline, until
+            // its opening (or a push, or close) wakes this worker.
+            let stay = steal_at.is_none() && queue.unopened > 0;
             // Only here, with the queue seen empty under the lock, may a
             // worker leave: no job can be stranded by its going. A worker
             // that may steal soon stays.
-            if queue.closed || (steal_at.is_none() && queue.clock.is_past(spell_end)) {
+            if queue.closed || (steal_at.is_none() && !stay && queue.clock.is_past(spell_end)) {
                 queue.workers -= 1;
                 return None;
             }
             queue.idle += 1;
-            queue = idle::wait(&self.work, queue, spell_end, steal_at);
+            queue = idle::wait(&self.work, queue, spell_end, steal_at, stay);
             queue.check(self.limit);
             if queue.woken > 0 {
                 // A pusher already took one worker off `idle`: this is it.
@@ -278,6 +331,37 @@ impl<J: Job> Pool<J> {
                 queue.idle -= 1;
             }
         }
+    }
+
+    /// A job taken from the queue, counted as unopened if it may open.
+    fn take(&self, queue: &mut Queue<J>, job: J) -> (J, Opening<'_>) {
+        if !job.opens() {
+            return (job, Opening::none());
+        }
+        queue.unopened += 1;
+        (job, Opening { pool: Some(self) })
+    }
+}
+
+impl<J: Job> Opened for Pool<J> {
+    /// A job opened (or ended without): every idle worker looks again.
+    fn opened(&self) {
+        let mut queue = self.lock();
+        queue.unopened -= 1;
+        queue.openings = queue.openings.wrapping_add(1);
+        if queue.idle > 0 {
+            queue.woken += queue.idle;
+            queue.idle = 0;
+            self.work.notify_all();
+        }
+    }
+}
+
+impl<J: Job> fmt::Debug for Pool<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
     }
 }
 
@@ -312,8 +396,8 @@ pub(crate) struct Worker<J: Job> {
 impl<J: Job> Worker<J> {
     /// Runs jobs until the pool is closed or an idle spell is over.
     pub(crate) fn run(mut self) {
-        while let Some(job) = self.pool.next_job() {
-            job.run(&self.pool.shared);
+        while let Some((job, opening)) = self.pool.next_job() {
+            job.run(&self.pool.shared, opening);
         }
         self.left = true;
     }
@@ -352,7 +436,7 @@ mod idle {
     use std::time::{Duration, Instant};
 
     /// How long an idle worker waits for work before it gives its thread back.
-    const SPELL: Duration = Duration::from_millis(50);
+    pub(super) const SPELL: Duration = Duration::from_millis(50);
 
     /// Real time needs no state.
     #[derive(Debug)]
@@ -374,13 +458,17 @@ mod idle {
     }
 
     /// Waits for a wake-up, or until `end`, or until `steal_at` if that
-    /// comes first or the spell is over.
+    /// comes first or the spell is over; with `stay`, for a wake-up alone.
     pub(super) fn wait<'a, T>(
         work: &Condvar,
         queue: MutexGuard<'a, T>,
         end: Instant,
         steal_at: Option<Instant>,
+        stay: bool,
     ) -> MutexGuard<'a, T> {
+        if stay {
+            return work.wait(queue).unwrap_or_else(PoisonError::into_inner);
+        }
         let now = Instant::now();
         let end = match steal_at {
             Some(at) if at < end || now >= end => at,
@@ -432,7 +520,100 @@ mod idle {
         queue: MutexGuard<'a, T>,
         _end: usize,
         _steal_at: Option<std::time::Instant>,
+        _stay: bool,
     ) -> MutexGuard<'a, T> {
         work.wait(queue).unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(all(test, not(par_imap_loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Counts the looks for work to steal, and tells of each.
+    struct Looks {
+        count: AtomicUsize,
+        told: Mutex<mpsc::Sender<thread::ThreadId>>,
+    }
+
+    /// A running job that opens only when released (a call waiting for its
+    /// permit, say).
+    struct Gate(mpsc::Receiver<()>);
+
+    impl Job for Gate {
+        type Crew = Looks;
+
+        fn run(self, _: &Looks, opening: Opening<'_>) {
+            let _ = self.0.recv();
+            drop(opening);
+        }
+
+        fn opens(&self) -> bool {
+            true
+        }
+
+        fn steal(looks: &Looks) -> Steal<Self> {
+            looks.count.fetch_add(1, SeqCst);
+            let _ = looks
+                .told
+                .lock()
+                .map(|told| told.send(thread::current().id()));
+            Steal::Nothing
+        }
+    }
+
+    const BOUND: Duration = Duration::from_secs(20);
+
+    /// e279de9 kept idle workers with a look every 20 ms while a job had not
+    /// opened yet (50 wake-ups a second); before it they left after one
+    /// spell, and nobody was left to share the job once it opened.
+    #[test]
+    fn an_idle_worker_stays_for_a_job_that_may_open_and_looks_again_only_when_it_does() {
+        let (told, looked) = mpsc::channel();
+        let workers = Workers::new(
+            Looks {
+                count: AtomicUsize::new(0),
+                told: Mutex::new(told),
+            },
+            2,
+        );
+        let (release, gate) = mpsc::channel();
+        let owner = workers.push(Gate(gate)).expect("a first worker");
+        let owner = thread::spawn(move || owner.run());
+        // The owner takes the job (it never looks: the queue held one).
+        let deadline = std::time::Instant::now() + BOUND;
+        while workers.pool.lock().unopened == 0 {
+            assert!(std::time::Instant::now() < deadline, "the job was taken");
+            thread::sleep(Duration::from_millis(1));
+        }
+        let thief = workers.add_thief().expect("a second worker");
+        let thief = thread::spawn(move || thief.run());
+        let thief_id = thief.thread().id();
+        assert_eq!(looked.recv_timeout(BOUND), Ok(thief_id), "the thief looked");
+        // Six idle spells: it neither leaves nor looks again meanwhile (a
+        // spurious wake-up of the condvar may make one more look).
+        thread::sleep(idle::SPELL * 6);
+        let pool = &workers.pool;
+        assert!(
+            pool.shared.count.load(SeqCst) <= 2,
+            "looked {} times while nothing opened",
+            pool.shared.count.load(SeqCst)
+        );
+        assert_eq!(pool.lock().workers, 2, "the idle worker stayed");
+        release.send(()).expect("the job runs");
+        // The owner, done, looks too: wait for the thief's look.
+        while looked
+            .recv_timeout(BOUND)
+            .expect("the thief looked again as the job opened")
+            != thief_id
+        {}
+        owner.join().expect("the owner ends");
+        workers.close();
+        thief.join().expect("the thief leaves on close");
     }
 }

@@ -47,7 +47,7 @@ use crate::error::Error;
 use crate::options::{Options, Order};
 use crate::spawn::IsFailure;
 use crate::stats::{Snapshot, Stats};
-use crate::workers::{Job, Steal};
+use crate::workers::{Job, Opening, Steal};
 
 /// About two seconds for the five in release mode, which catch every
 /// broken variant tried (MUTANTS.md).
@@ -239,7 +239,7 @@ impl Rig {
     fn run(&self, call: Call<Out>, items: Batch<Item>) -> thread::JoinHandle<()> {
         let crew = Arc::clone(&self.crew);
         let job = BlockingJob::<Item, Mapper>::new(items, call, IS_FAILURE);
-        thread::spawn(move || job.run(&crew))
+        thread::spawn(move || job.run(&crew, Opening::none()))
     }
 
     /// An idle worker: steals once, if there is anything, and runs it.
@@ -248,7 +248,7 @@ impl Rig {
         let crew = Arc::clone(&self.crew);
         thread::spawn(move || match BlockingJob::<Item, Mapper>::steal(&crew) {
             Steal::Job(job) => {
-                job.run(&crew);
+                job.run(&crew, Opening::none());
                 true
             }
             Steal::At(_) | Steal::Nothing => false,

@@ -6,8 +6,8 @@
 //! are gone; every lock also asserts the counting invariants. Run with
 //! `RUSTFLAGS="--cfg par_imap_loom" cargo test --release --lib loom`.
 
-use loom::sync::atomic::AtomicUsize;
 use loom::sync::atomic::Ordering::SeqCst;
+use loom::sync::atomic::{AtomicBool, AtomicUsize};
 use loom::sync::{Arc, Notify};
 use loom::thread::{self, JoinHandle};
 
@@ -78,7 +78,7 @@ impl Probe {
 impl Job for Probe {
     type Crew = ();
 
-    fn run(mut self, (): &()) {
+    fn run(mut self, (): &(), _opening: super::Opening<'_>) {
         self.ran = true;
         self.fate.ran.fetch_add(1, SeqCst);
         self.fate.settled.notify();
@@ -254,5 +254,74 @@ fn loom_thief_added_vs_idle_timeout_vs_close() {
         clock.join().unwrap();
         join(started);
         assert_done(&pool, &fate, 1);
+    });
+}
+
+/// What the job that opens late and the workers that look saw.
+struct Sight {
+    opened: AtomicBool,
+    seen: AtomicBool,
+    noticed: Notify,
+    done: AtomicBool,
+    finished: Notify,
+}
+
+/// A running job that opens to thieves, then waits until a worker other
+/// than its own has looked since (its own is busy running it).
+struct Opener;
+
+impl Job for Opener {
+    type Crew = Arc<Sight>;
+
+    fn run(self, sight: &Arc<Sight>, opening: super::Opening<'_>) {
+        sight.opened.store(true, SeqCst);
+        drop(opening);
+        while !sight.seen.load(SeqCst) {
+            sight.noticed.wait();
+        }
+        sight.done.store(true, SeqCst);
+        sight.finished.notify();
+    }
+
+    fn opens(&self) -> bool {
+        true
+    }
+
+    fn steal(sight: &Arc<Sight>) -> super::Steal<Self> {
+        if sight.opened.load(SeqCst) {
+            sight.seen.store(true, SeqCst);
+            sight.noticed.notify();
+        }
+        super::Steal::Nothing
+    }
+}
+
+/// A job that opens while the thief added for it looks, finds nothing and
+/// idles: the thief looks again (its look raced the opening, or the opening
+/// woke it), so no wake-up is lost; without the pool's count of openings
+/// the thief would idle through it and the job wait forever.
+#[test]
+fn loom_a_job_opening_while_a_thief_looks_is_seen() {
+    model(|| {
+        let sight = Arc::new(Sight {
+            opened: AtomicBool::new(false),
+            seen: AtomicBool::new(false),
+            noticed: Notify::new(),
+            done: AtomicBool::new(false),
+            finished: Notify::new(),
+        });
+        let workers = Workers::<Opener>::new(Arc::clone(&sight), 2);
+        let mut started: Vec<_> = workers.push(Opener).into_iter().collect();
+        started.extend(workers.add_thief());
+        assert_eq!(started.len(), 2, "a busy owner and a thief");
+        let started: Vec<_> = started
+            .into_iter()
+            .map(|worker| thread::spawn(move || worker.run()))
+            .collect();
+        while !sight.done.load(SeqCst) {
+            sight.finished.wait();
+        }
+        drop(workers);
+        join(started);
     });
 }
