@@ -53,7 +53,8 @@ where
 }
 
 /// The runner of the blocking variants: at most `limit` long-lived
-/// workers, and the channel on which their calls report.
+/// workers, and the channel on which their calls report. Dropping it
+/// closes both (their own `Drop`s, in field order: the pool first).
 pub struct BlockingRunner<T, F>
 where
     T: Send + 'static,
@@ -136,17 +137,6 @@ where
     fn close(&mut self) {
         self.workers.close();
         self.reports.close();
-    }
-}
-
-impl<T, F> Drop for BlockingRunner<T, F>
-where
-    T: Send + 'static,
-    F: Mapper<T>,
-    F::Output: Send + 'static,
-{
-    fn drop(&mut self) {
-        self.close();
     }
 }
 
