@@ -71,6 +71,34 @@ async fn try_blocking_err_at_k_yields_prefix_then_error_then_end_and_starts_noth
     assert_eq!(calls.started_indices(), [0, 1, 2, 3, 4, 5]);
 }
 
+/// With `.timeout` a blocking call's results go through its deadlines'
+/// progress, where a failure is judged as it is kept: the call stops at
+/// it, and its own later items are never started (cargo mutants: with the
+/// verdict ignored there, items 6 and 7 of the one call of eight ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn try_blocking_err_at_k_with_a_timeout_starts_nothing_after_in_its_call() {
+    let calls = Calls::default();
+    let count = calls.clone();
+    let out = drain(
+        stream::iter(0..8)
+            .try_par_imap(1, move |i: usize| {
+                let _running = count.enter(i);
+                if i == 5 {
+                    Err(TestError::Mine(i))
+                } else {
+                    Ok(i)
+                }
+            })
+            .batch(8)
+            .timeout(Duration::from_secs(600)),
+    )
+    .await;
+    assert_eq!(oks(&out), [0, 1, 2, 3, 4]);
+    assert_eq!(out[5].as_ref().unwrap_err(), &TestError::Mine(5));
+    assert_eq!(out.len(), 6);
+    assert_eq!(calls.started_indices(), [0, 1, 2, 3, 4, 5]);
+}
+
 impl From<par_imap::Error> for TestError {
     fn from(error: par_imap::Error) -> Self {
         TestError::Machinery(error.to_string())
