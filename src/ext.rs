@@ -61,7 +61,12 @@ use crate::variant::{Async, Blocking, Try};
 ///    [`Error::is_cancelled`] is true, not with a hang, and no argument a
 ///    caller can pass panics inside `poll_next`.
 /// 7. **Runtimes.** Works in any tokio runtime, multi-thread or current-thread.
-///    Polling outside a runtime panics with tokio's message.
+///    Polling outside a runtime panics with tokio's message. A map's tasks
+///    (its async calls, a `.timeout`'s timer) and blocking threads belong to
+///    the runtime of its first poll, as with `tokio::spawn`: polled later
+///    from another runtime while that one is alive but not running (an idle
+///    current-thread runtime), its async calls and deadlines wait for it;
+///    once that runtime has shut down, the calls it held end as cancelled.
 /// 8. **Composition.** Several maps, nested maps, maps sharing a
 ///    [`semaphore`](ParImap::semaphore) budget, maps inside `zip` or `select`,
 ///    consumers that stop polling for a while: none of these can deadlock, as
