@@ -50,6 +50,9 @@ impl<U> Engine<U> {
                     progress,
                 } => {
                     if let Some(at) = at {
+                        // A call is named by its first index: a thief's
+                        // part never starts at its owner's (see `Loot::steal`).
+                        debug_assert_ne!(at, call, "a stolen part named like its owner");
                         self.in_flight += 1;
                         if let Some(keys) = &mut self.keys {
                             keys.split(call, at);
