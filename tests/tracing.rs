@@ -158,6 +158,33 @@ fn spans_per_call_and_events_for_the_maps_life() {
     );
     assert!(has(&lines, "index=0 attempt=2"), "{lines:#?}");
 
+    // The same for a blocking call, whose span names its attempt from the
+    // call (cargo mutants: an attempt number stuck at 1 went unnoticed).
+    runtime.block_on(async {
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let out: Vec<u32> = stream::iter([7_u32])
+            .try_par_imap(1, move |n: u32| {
+                if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    Err(std::io::Error::other("flaky"))
+                } else {
+                    Ok(n)
+                }
+            })
+            .retry(par_imap::Retry::<std::io::Error>::attempts(2).jitter(false))
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(out, [7]);
+    });
+    let lines = recorder.take();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.starts_with("span par_imap.call")
+                && line.ends_with("index=0 attempt=2")),
+        "{lines:#?}"
+    );
+
     // A cancellation, and a drop with calls in flight.
     runtime.block_on(async {
         let token = CancellationToken::new();
