@@ -1317,6 +1317,45 @@ async fn retry_an_item_that_overran_while_nobody_polled_is_judged_as_its_timeout
     assert_eq!(attempts.of(0), 2, "item 0 retried once");
 }
 
+/// The `.when` predicate (user code, asked where the call runs) itself
+/// runs past the item's deadline while nobody polls: its verdict was on the
+/// `Err`, but the item's result became a timeout meanwhile, so the verdict
+/// is forgotten and the timeout judged, which `.retry` takes. (cargo
+/// mutants: with the verdict kept, `forget_verdict` made a no-op, every
+/// test passed; the item then failed with a timeout `.retry` would try.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_a_verdict_that_came_after_the_items_deadline_is_not_the_timeouts() {
+    let attempts = Attempts::default();
+    let seen = attempts.clone();
+    let slow_once = Arc::new(AtomicBool::new(true));
+    let map =
+        stream::iter(0..1_usize)
+            .try_par_imap(1, move |n: usize| {
+                if seen.start(n) == 1 {
+                    return Err(Late::Mine);
+                }
+                Ok(n)
+            })
+            .timeout(ms(30))
+            .retry(Retry::attempts(3).backoff(ms(1), ms(1)).jitter(false).when(
+                move |error: &Late| {
+                    if slow_once.swap(false, Ordering::SeqCst) {
+                        std::thread::sleep(ms(150));
+                    }
+                    matches!(error, Late::Map(error) if error.is_timeout())
+                },
+            ));
+    let mut map = std::pin::pin!(map);
+    assert!(futures::poll!(map.next()).is_pending());
+    // Not polled while the predicate runs past item 0's deadline.
+    tokio::time::sleep(ms(400)).await;
+    let out: Vec<Result<usize, Late>> = tokio::time::timeout(common::hang(), map.collect())
+        .await
+        .expect("the map hung");
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    assert_eq!(attempts.of(0), 2, "item 0 retried once");
+}
+
 // ---- a `.when` predicate that panics where the call runs ----
 
 /// A `.when` predicate that panics on its first call only, then retries.
