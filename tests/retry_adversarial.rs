@@ -749,6 +749,39 @@ fn retry_backoff_without_a_time_driver_panics_at_the_first_poll_naming_enable_ti
     );
 }
 
+/// ...but a retry without a wait (`backoff(ZERO, ZERO)`) needs no timer:
+/// it works on a runtime without the time driver (cargo mutants: a check
+/// that asked for the timer whenever `.retry` was set passed every test).
+#[test]
+fn retry_without_a_backoff_needs_no_time_driver() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let out: Vec<usize> = runtime
+        .block_on(
+            stream::iter(0..3_usize)
+                .try_par_imap_async(1, move |n| {
+                    let failed_once = Arc::clone(&failed_once);
+                    async move {
+                        if n == 1 && !failed_once.swap(true, Ordering::SeqCst) {
+                            Err(anyhow::anyhow!("item 1 fails once"))
+                        } else {
+                            Ok(n)
+                        }
+                    }
+                })
+                .retry(
+                    Retry::attempts(2)
+                        .backoff(Duration::ZERO, Duration::ZERO)
+                        .jitter(false),
+                )
+                .try_collect(),
+        )
+        .expect("item 1 succeeds on its second attempt");
+    assert_eq!(out, [0, 1, 2]);
+}
+
 // ---- consumers that stop polling ----
 
 /// A consumer that stops polling during a backoff: the wait ends
