@@ -1389,6 +1389,41 @@ async fn retry_a_verdict_that_came_after_the_items_deadline_is_not_the_timeouts(
     assert_eq!(attempts.of(0), 2, "item 0 retried once");
 }
 
+/// A blocking item times out, and `.when` refuses timeouts: the timeout is
+/// the item's failure, with attempts left or not (cargo mutants: with the
+/// engine's check `!accepted || !attempts_left` made `&&`, the refused
+/// timeout was tried again and every test passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_a_timeout_that_when_refuses_is_not_tried_again() {
+    let attempts = Attempts::default();
+    let seen = attempts.clone();
+    let out: Vec<Result<usize, Late>> = tokio::time::timeout(
+        common::hang(),
+        stream::iter(0..1_usize)
+            .try_par_imap(1, move |n: usize| {
+                if seen.start(n) == 1 {
+                    std::thread::sleep(ms(200));
+                }
+                Ok(n)
+            })
+            .timeout(ms(30))
+            .retry(
+                Retry::attempts(3)
+                    .backoff(ms(1), ms(1))
+                    .jitter(false)
+                    .when(|error: &Late| !matches!(error, Late::Map(error) if error.is_timeout())),
+            )
+            .collect(),
+    )
+    .await
+    .expect("the map hung");
+    assert!(
+        matches!(out.as_slice(), [Err(Late::Map(error))] if error.is_timeout()),
+        "{out:?}"
+    );
+    assert_eq!(attempts.of(0), 1, "item 0 not tried again");
+}
+
 // ---- a `.when` predicate that panics where the call runs ----
 
 /// A `.when` predicate that panics on its first call only, then retries.
