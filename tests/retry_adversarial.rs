@@ -1308,6 +1308,17 @@ async fn retry_a_late_panic_after_the_map_timed_its_item_out_is_retried_as_the_t
     assert_eq!(attempts.of(0), 2, "item 0 retried once");
 }
 
+/// Polls `map` once (its calls start), then not at all for 400 ms, then
+/// collects it (bounded: a hang fails).
+async fn collect_after_400_ms_unpolled<S: Stream>(map: S) -> Vec<S::Item> {
+    let mut map = std::pin::pin!(map);
+    assert!(futures::poll!(map.next()).is_pending());
+    tokio::time::sleep(ms(400)).await;
+    tokio::time::timeout(common::hang(), map.collect())
+        .await
+        .expect("the map hung")
+}
+
 /// Nobody polls while item 0 overruns: its worker sees the overrun and
 /// makes the late `Err` a timeout, which `.retry` takes. The timeout is
 /// what is judged, not the `Err` it replaced. (Found in review: the worker
@@ -1335,13 +1346,8 @@ async fn retry_an_item_that_overran_while_nobody_polled_is_judged_as_its_timeout
                     matches!(error, Late::Map(error) if error.is_timeout())
                 },
             ));
-    let mut map = std::pin::pin!(map);
-    assert!(futures::poll!(map.next()).is_pending());
     // Not polled while item 0 runs past its deadline and returns.
-    tokio::time::sleep(ms(400)).await;
-    let out: Vec<Result<usize, Late>> = tokio::time::timeout(common::hang(), map.collect())
-        .await
-        .expect("the map hung");
+    let out = collect_after_400_ms_unpolled(map).await;
     assert!(
         out.iter().all(Result::is_ok),
         "{out:?}; the predicate saw {:?}",
@@ -1378,13 +1384,8 @@ async fn retry_a_verdict_that_came_after_the_items_deadline_is_not_the_timeouts(
                     matches!(error, Late::Map(error) if error.is_timeout())
                 },
             ));
-    let mut map = std::pin::pin!(map);
-    assert!(futures::poll!(map.next()).is_pending());
     // Not polled while the predicate runs past item 0's deadline.
-    tokio::time::sleep(ms(400)).await;
-    let out: Vec<Result<usize, Late>> = tokio::time::timeout(common::hang(), map.collect())
-        .await
-        .expect("the map hung");
+    let out = collect_after_400_ms_unpolled(map).await;
     assert!(out.iter().all(Result::is_ok), "{out:?}");
     assert_eq!(attempts.of(0), 2, "item 0 retried once");
 }

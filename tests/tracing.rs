@@ -67,6 +67,18 @@ fn has(lines: &[String], wanted: &str) -> bool {
     lines.iter().any(|line| line.contains(wanted))
 }
 
+/// A mapper whose first call fails, for `.retry` to try again.
+fn fails_once() -> impl Fn(u32) -> Result<u32, std::io::Error> + Send + Sync + 'static {
+    let first = std::sync::atomic::AtomicBool::new(true);
+    move |n| {
+        if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::other("flaky"))
+        } else {
+            Ok(n)
+        }
+    }
+}
+
 #[test]
 fn spans_per_call_and_events_for_the_maps_life() {
     let recorder = Recorder::default();
@@ -133,17 +145,11 @@ fn spans_per_call_and_events_for_the_maps_life() {
 
     // A retry: its wait, and its second attempt's span.
     runtime.block_on(async {
-        let first = std::sync::atomic::AtomicBool::new(true);
+        let flaky = fails_once();
         let out: Vec<u32> = stream::iter([7_u32])
             .try_par_imap_async(1, move |n: u32| {
-                let fail = first.swap(false, std::sync::atomic::Ordering::SeqCst);
-                async move {
-                    if fail {
-                        Err(std::io::Error::other("flaky"))
-                    } else {
-                        Ok(n)
-                    }
-                }
+                let result = flaky(n);
+                async move { result }
             })
             .retry(par_imap::Retry::<std::io::Error>::attempts(2).jitter(false))
             .try_collect()
@@ -161,15 +167,8 @@ fn spans_per_call_and_events_for_the_maps_life() {
     // The same for a blocking call, whose span names its attempt from the
     // call (cargo mutants: an attempt number stuck at 1 went unnoticed).
     runtime.block_on(async {
-        let first = std::sync::atomic::AtomicBool::new(true);
         let out: Vec<u32> = stream::iter([7_u32])
-            .try_par_imap(1, move |n: u32| {
-                if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
-                    Err(std::io::Error::other("flaky"))
-                } else {
-                    Ok(n)
-                }
-            })
+            .try_par_imap(1, fails_once())
             .retry(par_imap::Retry::<std::io::Error>::attempts(2).jitter(false))
             .try_collect()
             .await
