@@ -572,7 +572,7 @@ where
     /// `.batch(1)` is one item per call.
     ///
     /// Without it the size is adaptive: each call is sized from the
-    /// measured time per item so that its work (about 500 µs) costs far
+    /// measured time per item so that its work (about 2 ms) costs far
     /// more than handing it to a worker, from 1 item up to 1024; it starts
     /// at 1 (the first result is never held back), shrinks within a call or
     /// two when items get slower, and what is pulled is shared among idle
