@@ -856,6 +856,10 @@ fn main() {
         cpu_table(false, rest.first().map_or(SVG, String::as_str));
         return;
     }
+    if args.first().is_some_and(|arg| arg == "first") {
+        first_result_table();
+        return;
+    }
     if args.first().is_some_and(|arg| arg == "skew") {
         skew_table(false);
         return;
