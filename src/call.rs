@@ -199,8 +199,9 @@ pub enum Event<U> {
         busy: Duration,
         /// `.retry`: what the policy said of its failed item, if the call
         /// asked (so the user's predicate sees each failure once), or the
-        /// panic of the predicate.
-        accepted: Option<Verdict>,
+        /// panic of the predicate. Boxed: rare, and the report is moved a
+        /// few times.
+        accepted: Option<Box<Verdict>>,
     },
     /// An idle worker took from the running `call` (see
     /// [`steal`](crate::steal)) its `results` so far, from index `done` on
@@ -260,11 +261,20 @@ pub struct Call<U> {
     /// `.retry`: its item may be tried again, so a failure that the policy
     /// retries does not cut the map off here; the engine decides when the
     /// report comes.
+    /// `.retry` only, boxed: the ticket is moved a few times per call, and
+    /// most maps have no `.retry`.
+    retry: Option<Box<Attempt<U>>>,
+}
+
+/// `.retry`: which attempt of its item a call is, whether the item may be
+/// tried again, and what the policy said of its failure.
+#[derive(Debug)]
+struct Attempt<U> {
+    /// 1 for the first.
+    number: u32,
     may_retry: Option<Retryable<U>>,
     /// What `may_retry` said of the call's failed item.
     accepted: Said,
-    /// `.retry`: which attempt of its item this is (1 for the first).
-    attempt: u32,
 }
 
 impl<U> Call<U> {
@@ -287,33 +297,38 @@ impl<U> Call<U> {
             counts_busy: false,
             permit: None,
             steal_after,
-            may_retry: None,
-            accepted: Said(Cell::new(None)),
-            attempt: 1,
+            retry: None,
         }
     }
 
     /// Which attempt of its item the call is (1 without `.retry`).
     pub(crate) fn attempt_number(&self) -> u32 {
-        self.attempt
+        self.retry.as_ref().map_or(1, |retry| retry.number)
     }
 
     /// `.retry`: the call is attempt `attempt` of its item, and the item
     /// may be tried again after a failure that `may_retry` accepts.
     pub(crate) fn attempt(&mut self, attempt: u32, may_retry: Option<Retryable<U>>) {
-        self.attempt = attempt;
-        self.may_retry = may_retry;
+        self.retry = Some(Box::new(Attempt {
+            number: attempt,
+            may_retry,
+            accepted: Said(Cell::new(None)),
+        }));
+    }
+
+    fn retryable(&self) -> Option<&Retryable<U>> {
+        self.retry.as_ref()?.may_retry.as_ref()
     }
 
     /// Whether `.retry` may try the call's item again.
     pub(crate) fn may_retry(&self) -> bool {
-        self.may_retry.is_some()
+        self.retryable().is_some()
     }
 
     /// Whether the failed `result` cuts the map off now: unless `.retry`
     /// will try it again (a panic of the predicate: it does not).
     pub(crate) fn cuts_off(&self, result: &Result<U, Error>) -> bool {
-        let Some(retryable) = &self.may_retry else {
+        let Some(retryable) = self.retryable() else {
             return true;
         };
         // A panic of the predicate: not retried; the engine asks again and
@@ -322,7 +337,9 @@ impl<U> Call<U> {
         let retries = verdict.as_ref().is_ok_and(|accepted| *accepted);
         // Kept for the engine, the panic too: it is the item's panic error,
         // and the predicate is not asked again.
-        self.accepted.0.set(Some(verdict));
+        if let Some(retry) = &self.retry {
+            retry.accepted.0.set(Some(verdict));
+        }
         !retries
     }
 
@@ -330,7 +347,9 @@ impl<U> Call<U> {
     /// it judged became a timeout, or was dropped (the engine gave the item
     /// up), and the engine judges the item.
     pub(crate) fn forget_verdict(&self) {
-        self.accepted.0.set(None);
+        if let Some(retry) = &self.retry {
+            retry.accepted.0.set(None);
+        }
     }
 
     /// The call reports on `report`, also when dropped unfinished; with
@@ -394,7 +413,7 @@ impl<U> Call<U> {
     /// the engine hears of it when items have deadlines.
     pub(crate) fn start(&mut self) {
         self.shared.counters.call_started();
-        if self.attempt > 1 {
+        if self.attempt_number() > 1 {
             self.shared.counters.retried();
         }
         self.started = true;
@@ -488,7 +507,11 @@ impl<U> Call<U> {
             results,
             mapped,
             busy,
-            accepted: self.accepted.0.take(),
+            accepted: self
+                .retry
+                .as_ref()
+                .and_then(|retry| retry.accepted.0.take())
+                .map(Box::new),
         }
     }
 
@@ -744,5 +767,19 @@ impl<U> Reports<U> {
 impl<U> Drop for Reports<U> {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(all(test, target_pointer_width = "64"))]
+mod tests {
+    use super::*;
+
+    /// A call's ticket and its report are moved a few times per call (into
+    /// a worker's mailbox and out, onto the report queue and off): what
+    /// only `.retry` uses stays behind one pointer.
+    #[test]
+    fn a_ticket_and_a_report_keep_retry_state_behind_a_box() {
+        assert!(size_of::<Call<u64>>() <= 112, "{}", size_of::<Call<u64>>());
+        assert!(size_of::<Event<u64>>() <= 72, "{}", size_of::<Event<u64>>());
     }
 }

@@ -83,7 +83,8 @@ impl<U> Engine<U> {
                     busy,
                     accepted,
                 } => {
-                    let retries = self.retries(call, &mut results, accepted);
+                    let retries =
+                        self.retries(call, &mut results, accepted.map(|verdict| *verdict));
                     self.adapt(busy, results.last(), retries != Retries::No, self.in_flight);
                     self.in_flight -= 1;
                     self.sizer.observe(mapped, busy);
