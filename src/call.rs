@@ -258,9 +258,6 @@ pub struct Call<U> {
     /// A call of several items: after running this long, idle workers may
     /// take the items it has not started.
     steal_after: Duration,
-    /// `.retry`: its item may be tried again, so a failure that the policy
-    /// retries does not cut the map off here; the engine decides when the
-    /// report comes.
     /// `.retry` only, boxed: the ticket is moved a few times per call, and
     /// most maps have no `.retry`.
     retry: Option<Box<Attempt<U>>>,
@@ -272,6 +269,9 @@ pub struct Call<U> {
 struct Attempt<U> {
     /// 1 for the first.
     number: u32,
+    /// Its item may be tried again, so a failure that the policy retries
+    /// does not cut the map off here; the engine decides when the report
+    /// comes.
     may_retry: Option<Retryable<U>>,
     /// What `may_retry` said of the call's failed item.
     accepted: Said,
@@ -316,19 +316,20 @@ impl<U> Call<U> {
         }));
     }
 
-    fn retryable(&self) -> Option<&Retryable<U>> {
-        self.retry.as_ref()?.may_retry.as_ref()
-    }
-
     /// Whether `.retry` may try the call's item again.
     pub(crate) fn may_retry(&self) -> bool {
-        self.retryable().is_some()
+        self.retry
+            .as_ref()
+            .is_some_and(|retry| retry.may_retry.is_some())
     }
 
     /// Whether the failed `result` cuts the map off now: unless `.retry`
     /// will try it again (a panic of the predicate: it does not).
     pub(crate) fn cuts_off(&self, result: &Result<U, Error>) -> bool {
-        let Some(retryable) = self.retryable() else {
+        let Some(retry) = self.retry.as_deref() else {
+            return true;
+        };
+        let Some(retryable) = &retry.may_retry else {
             return true;
         };
         // A panic of the predicate: not retried; the engine asks again and
@@ -337,9 +338,7 @@ impl<U> Call<U> {
         let retries = verdict.as_ref().is_ok_and(|accepted| *accepted);
         // Kept for the engine, the panic too: it is the item's panic error,
         // and the predicate is not asked again.
-        if let Some(retry) = &self.retry {
-            retry.accepted.0.set(Some(verdict));
-        }
+        retry.accepted.0.set(Some(verdict));
         !retries
     }
 
