@@ -10,15 +10,12 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures::{StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 
-use par_imap_bench::{LIMIT, rayon_sum, runtime, work};
+use par_imap_bench::{LIMIT, rayon_pool, rayon_sum, runtime, work};
 
 /// Targets 1–3: CPU-bound items of three sizes (rounds of xorshift).
 fn cpu(c: &mut Criterion) {
     let rt = runtime();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(LIMIT)
-        .build()
-        .expect("rayon");
+    let pool = rayon_pool();
     for (rounds, items, batch) in [
         (90_u64, 100_000_u64, 1024_usize),
         (9_500, 2_000, 16),

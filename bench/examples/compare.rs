@@ -6,6 +6,8 @@
 //! cargo run --release -p par-imap-bench --example compare -- quick   # fewer items, a smoke run
 //! cargo run --release -p par-imap-bench --example compare -- keyed-async 7   # .key_order on async items
 //! cargo run --release -p par-imap-bench --example compare -- cpu [PATH]      # the CPU table and its plot (target/compare-cpu.svg)
+//! cargo run --release -p par-imap-bench --example compare -- skew-one ordered 32 even   # the skew workload alone: ordered WINDOW (0: default) | unordered 0, skew | even
+//! cargo run --release -p par-imap-bench --example compare -- rayon-one 0.15 3000000   # rayon alone, beside `one`
 //! ```
 //!
 //! CPU-bound work is a xorshift loop (no memory traffic), calibrated at start
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
 
-use par_imap_bench::{LIMIT, rayon_sum, runtime, work};
+use par_imap_bench::{LIMIT, rayon_pool, rayon_sum, runtime, work};
 
 /// Where the plot of the CPU-bound table goes, unless `compare cpu PATH`.
 const SVG: &str = "target/compare-cpu.svg";
@@ -105,10 +107,7 @@ fn cpu_table(quick: bool, svg: &str) {
                 .map(|i| work(i, rounds))
                 .fold(0, u64::wrapping_add)
         }));
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(LIMIT)
-            .build()
-            .expect("rayon");
+        let pool = rayon_pool();
         results.push(measure(items, || rayon_sum(&pool, items, rounds)));
         results.push(measure(items, || {
             use pariter::IteratorExt;
@@ -314,10 +313,7 @@ fn phase_change_table(quick: bool) {
             .map(|i| work(i, cost(i)))
             .fold(0, u64::wrapping_add)
     });
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(LIMIT)
-        .build()
-        .expect("rayon");
+    let pool = rayon_pool();
     let rayon = median(&|| {
         use rayon::prelude::*;
         let input: Vec<u64> = (0..items).collect();
@@ -493,29 +489,50 @@ fn async_table(quick: bool) {
     );
 }
 
+/// The skew workload: `items` items of `rounds` (~20 µs), one in 100 50×
+/// slower unless `even`; ordered with `window` (DESIGN's default when
+/// `None`) or unordered. Items/s (median of 3) and the checksum.
+fn skew_rate(
+    rt: &tokio::runtime::Runtime,
+    (items, rounds): (u64, u64),
+    ordered: Option<Option<usize>>,
+    even: bool,
+) -> (f64, u64) {
+    let cost = move |i: u64| {
+        if !even && i % 100 == 0 {
+            rounds * 50
+        } else {
+            rounds
+        }
+    };
+    let fold = |sum: u64, x: u64| async move { Ok(sum.wrapping_add(x)) };
+    measure(items, || {
+        let input = stream::iter(0..items);
+        let done = match ordered {
+            Some(window) => {
+                let map = input.par_imap(LIMIT, move |i| work(i, cost(i)));
+                let map = match window {
+                    Some(window) => map.window(window),
+                    None => map,
+                };
+                rt.block_on(map.try_fold(0_u64, fold))
+            }
+            None => rt.block_on(
+                input
+                    .par_imap_unordered(LIMIT, move |i| work(i, cost(i)))
+                    .try_fold(0_u64, fold),
+            ),
+        };
+        done.expect("no panics")
+    })
+}
+
 fn skew_table(quick: bool) {
     let rt = runtime();
-    let rounds = calibrate(20.0);
-    let items = if quick { 2_000 } else { 20_000 };
+    let work = (if quick { 2_000 } else { 20_000 }, calibrate(20.0));
     // One item in 100 takes 50× longer.
-    let cost = move |i: u64| if i % 100 == 0 { rounds * 50 } else { rounds };
-    let ordered = measure(items, || {
-        rt.block_on(
-            stream::iter(0..items)
-                .par_imap(LIMIT, move |i| work(i, cost(i)))
-                .window(16 * LIMIT)
-                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
-        )
-        .expect("no panics")
-    });
-    let unordered = measure(items, || {
-        rt.block_on(
-            stream::iter(0..items)
-                .par_imap_unordered(LIMIT, move |i| work(i, cost(i)))
-                .try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }),
-        )
-        .expect("no panics")
-    });
+    let ordered = skew_rate(&rt, work, Some(Some(16 * LIMIT)), false);
+    let unordered = skew_rate(&rt, work, None, false);
     assert_eq!(ordered.1, unordered.1);
     println!("## Skew: 1 item in 100 takes 50× longer (~20 µs / ~1 ms), limit {LIMIT}\n");
     println!("| par_imap, window 16 × limit | par_imap_unordered | ratio |");
@@ -847,6 +864,35 @@ fn main() {
             .block_on(map.try_fold(0_u64, |sum, x| async move { Ok(sum.wrapping_add(x)) }))
             .expect("no panics");
         println!("{:.1}", start.elapsed().as_secs_f64() * 1e3);
+        return;
+    }
+    if let [mode, which, window, slow] = args.as_slice()
+        && mode == "skew-one"
+    {
+        // Profiling aid: the skew workload alone, `ordered` at a window
+        // (0: the default) or `unordered`, with one slow item in 100
+        // (`skew`) or none (`even`).
+        let window: usize = window.parse().expect("window");
+        let ordered = (which == "ordered").then_some((window > 0).then_some(window));
+        let (rate_now, _) = skew_rate(
+            &runtime(),
+            (20_000, calibrate(20.0)),
+            ordered,
+            slow == "even",
+        );
+        println!("{}", rate(rate_now));
+        return;
+    }
+    if let [mode, micros, items] = args.as_slice()
+        && mode == "rayon-one"
+    {
+        // Profiling aid: rayon alone, to set beside `one` round by round.
+        let (micros, items): (f64, u64) =
+            (micros.parse().expect("µs"), items.parse().expect("items"));
+        let rounds = calibrate(micros);
+        let pool = rayon_pool();
+        let (rate_now, _) = measure(items, || rayon_sum(&pool, items, rounds));
+        println!("{}", rate(rate_now));
         return;
     }
     if let [mode, rest @ ..] = args.as_slice()

@@ -31,6 +31,14 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
+/// A rayon pool with one thread per core, as `runtime` has.
+pub fn rayon_pool() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(LIMIT)
+        .build()
+        .expect("a rayon pool")
+}
+
 /// The rayon peer: the whole input collected into a `Vec` first (rayon does
 /// not stream), then a parallel map and sum on `pool`.
 pub fn rayon_sum(pool: &rayon::ThreadPool, items: u64, rounds: u64) -> u64 {
