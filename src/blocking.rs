@@ -1,5 +1,7 @@
 //! Blocking calls: the mapper, the job that maps one call's items on a
-//! worker thread, and the runner that feeds the [`workers`](crate::workers).
+//! worker thread, the runner that feeds the [`workers`](crate::workers),
+//! and the map's watch, which hands over what a running call finished
+//! when no worker is idle to.
 
 use std::fmt;
 use std::future::Future;
@@ -9,12 +11,12 @@ use std::pin::pin;
 use std::sync::{Arc, PoisonError};
 
 #[cfg(par_imap_loom)]
-use loom::sync::{Mutex, MutexGuard};
+use loom::sync::{Condvar, Mutex, MutexGuard};
 #[cfg(not(par_imap_loom))]
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
@@ -62,6 +64,7 @@ where
     F::Output: Send + 'static,
 {
     workers: Workers<BlockingJob<T, F>>,
+    board: Arc<Board<T, F::Output>>,
     reports: Reports<F::Output>,
 }
 
@@ -73,10 +76,24 @@ where
 {
     pub(crate) fn new(mapper: F, limit: usize) -> Self {
         let reports = Reports::new();
+        let crew = Crew::new(mapper, reports.sender().clone());
         BlockingRunner {
-            workers: Workers::new(Crew::new(mapper, reports.sender().clone()), limit),
+            board: Arc::clone(&crew.board),
+            workers: Workers::new(crew, limit),
             reports,
         }
+    }
+}
+
+impl<T, F> Drop for BlockingRunner<T, F>
+where
+    T: Send + 'static,
+    F: Mapper<T>,
+    F::Output: Send + 'static,
+{
+    /// The watch leaves with the runner, even one never closed.
+    fn drop(&mut self) {
+        self.board.close();
     }
 }
 
@@ -112,6 +129,11 @@ where
         call.report_to(self.reports.sender().clone(), true);
         let job = BlockingJob::new(items, call, is_failure);
         let shared = job.opens();
+        // Someone to hand over what a call of several finished should all
+        // the workers be inside items that hang (or `limit` be 1).
+        if let Some(watching) = shared.then(|| self.board.start_watch()).flatten() {
+            runtime.spawn_blocking(move || watching.watch());
+        }
         let worker = self.workers.push(job);
         // Someone to take the items of a call of several should one hang.
         let thief = if shared {
@@ -136,21 +158,58 @@ where
 
     fn close(&mut self) {
         self.workers.close();
+        self.board.close();
         self.reports.close();
     }
 }
 
-/// What the workers of one map share: the mapper, and the calls of several
-/// items running now, open to idle workers (work stealing).
+/// What the workers of one map share: the mapper, and the board of the
+/// calls of several items running now.
 pub(crate) struct Crew<T, F: Mapper<T>> {
     mapper: F,
-    open: Mutex<OpenCalls<T, F::Output>>,
+    board: Arc<Board<T, F::Output>>,
+}
+
+/// The calls of several items running now, open to idle workers (work
+/// stealing) and to the map's watch, and where a thief's call reports.
+pub(crate) struct Board<T, U> {
+    open: Mutex<OpenCalls<T, U>>,
     /// Where a thief's call reports.
-    report: ReportTo<F::Output>,
+    report: ReportTo<U>,
+    watch: Mutex<Watch>,
+    /// Signalled when a call opens while the watch sleeps, and on close.
+    watched: Condvar,
+}
+
+/// The state of the map's watch: a thread that, past a running call's
+/// steal time, hands over the results it finished when no idle worker is
+/// there to (`limit` 1, or every worker inside an item that hangs). It runs
+/// no user code and takes no item, so it counts in no limit.
+#[derive(Debug, Default)]
+struct Watch {
+    /// A watch thread exists (or is about to start).
+    running: bool,
+    /// It waits, with no call open, for one to open.
+    asleep: bool,
+    /// The map ended: the watch leaves.
+    closed: bool,
 }
 
 /// The calls open to thieves.
 type OpenCalls<T, U> = Vec<Arc<Open<T, U>>>;
+
+/// How often the watch looks at the open calls at most, while none is
+/// past its steal time: it wakes on a core the workers need, so it looks
+/// seldom (a call past its steal time is seen within this much of it).
+const WATCH_EVERY: Duration = Duration::from_millis(10);
+
+/// How often the watch looks while a call runs past its steal time: the
+/// give-back time of adaptive calls.
+const WATCH_LATE: Duration = crate::sizer::STEAL_AFTER;
+
+/// How long the watch waits, with no call open, before it gives its
+/// thread back (as long as an idle worker's spell).
+const WATCH_SPELL: Duration = Duration::from_millis(50);
 
 /// A running call of several items, as a thief sees it: its items and what
 /// a call over some of them needs.
@@ -178,14 +237,196 @@ impl<T, F: Mapper<T>> Crew<T, F> {
     pub(crate) fn new(mapper: F, report: ReportTo<F::Output>) -> Self {
         Crew {
             mapper,
-            open: Mutex::new(Vec::new()),
-            report,
+            board: Arc::new(Board {
+                open: Mutex::new(Vec::new()),
+                report,
+                watch: Mutex::new(Watch::default()),
+                watched: Condvar::new(),
+            }),
+        }
+    }
+}
+
+impl<T, U> Board<T, U> {
+    fn open(&self) -> MutexGuard<'_, OpenCalls<T, U>> {
+        // Never held around user code.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn watch(&self) -> MutexGuard<'_, Watch> {
+        // Never held around user code.
+        self.watch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lists a call that opens, and wakes the watch if it sleeps.
+    fn list(&self, open: Arc<Open<T, U>>) {
+        self.open().push(open);
+        if self.watch().asleep {
+            self.watched.notify_one();
         }
     }
 
-    fn open(&self) -> MutexGuard<'_, OpenCalls<T, F::Output>> {
-        // Never held around user code.
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The watch to start, unless one runs or the map ended.
+    fn start_watch(self: &Arc<Self>) -> Option<Watching<T, U>> {
+        let mut watch = self.watch();
+        if watch.running || watch.closed {
+            return None;
+        }
+        watch.running = true;
+        Some(Watching {
+            board: Some(Arc::clone(self)),
+        })
+    }
+
+    /// The map ended: the watch leaves.
+    fn close(&self) {
+        self.watch().closed = true;
+        self.watched.notify_all();
+    }
+
+    /// Takes from a running call past its steal time (the one with the
+    /// most left): with `items`, the back half of the items it has not
+    /// started, as a call of its own, and the results it finished,
+    /// delivered at once; without, or with no item left, the results alone.
+    /// Otherwise when to look again, if a call may be taken from later.
+    fn take(&self, items: bool) -> Steal<(Vec<T>, Call<U>, IsFailure<U>)> {
+        let now = Instant::now();
+        let mut open: Vec<_> = self
+            .open()
+            .iter()
+            .map(|open| {
+                let (left, waiting) = open.loot.left();
+                (left, waiting || open.has_untaken(), Arc::clone(open))
+            })
+            .filter(|(left, waiting, open)| {
+                (*left > 0 || *waiting) && !open.shared.is_cut_off(open.loot.next_index())
+            })
+            .collect();
+        // Most left first: the steal that moves the most work; then the
+        // lowest call, whose results input order waits for first.
+        open.sort_by_key(|(left, _, open)| (std::cmp::Reverse(*left), open.call));
+        let mut soonest: Option<Instant> = None;
+        for (left, _, open) in open {
+            if open.loot.steal_at() > now {
+                soonest =
+                    Some(soonest.map_or(open.loot.steal_at(), |at| at.min(open.loot.steal_at())));
+                continue;
+            }
+            let left = if items { left } else { 0 };
+            // A thief's call holds its permit before it takes any item: with
+            // none free it takes the results alone.
+            let permit = match open.shared.budget() {
+                Some(budget) if left > 0 => Arc::clone(budget).try_acquire_owned().ok(),
+                _ => None,
+            };
+            let may_take = left > 0 && (permit.is_some() || open.shared.budget().is_none());
+            let stolen = open.loot.steal(may_take, open.has_untaken(), |taken| {
+                let at = (taken.items > 0).then_some(taken.at);
+                let progress = at.and_then(|at| {
+                    let timeout = open.shared.timeout()?;
+                    Some(Progress::new(at, timeout))
+                });
+                // With deadlines the owner's results are in its progress:
+                // the engine takes them from there when it hears of this.
+                self.report.send(Event::Stolen {
+                    call: open.call,
+                    done: taken.done,
+                    results: Batch::Many(taken.results),
+                    at,
+                    progress: progress.clone(),
+                });
+                progress
+            });
+            let Some((at, items, progress)) = stolen else {
+                continue;
+            };
+            if items.is_empty() {
+                continue; // results only: delivered
+            }
+            let mut call = Call::new(at, Arc::clone(&open.shared), progress, open.steal_after);
+            call.report_to(self.report.clone(), true);
+            if let Some(permit) = permit {
+                call.hold(permit);
+            }
+            trace::life!(
+                "par_imap: items stolen",
+                call = open.call,
+                at = at,
+                items = items.len()
+            );
+            return Steal::Job((items, call, open.is_failure));
+        }
+        soonest.map_or(Steal::Nothing, Steal::At)
+    }
+}
+
+/// The map's watch, about to run: dropped unrun (the runtime shuts down)
+/// or unwound, it lets the next call of several start another.
+struct Watching<T, U> {
+    board: Option<Arc<Board<T, U>>>,
+}
+
+impl<T, U> Watching<T, U> {
+    /// Past each open call's steal time (within [`WATCH_EVERY`] of it),
+    /// and then every [`WATCH_LATE`] while it runs, hands over the results
+    /// it finished (never its
+    /// items: the watch runs no user code and counts in no limit). With no
+    /// call open it sleeps until one opens, and leaves after an idle spell
+    /// or when the map ends.
+    fn watch(mut self) {
+        let Some(board) = self.board.take() else {
+            return;
+        };
+        loop {
+            let now = Instant::now();
+            let soonest = match board.take(false) {
+                Steal::At(at) => Some(at),
+                _ => None,
+            };
+            let mut watch = board.watch();
+            if watch.closed {
+                watch.running = false;
+                return;
+            }
+            if board.open().is_empty() {
+                // Under the watch's lock: a call listed after this look
+                // finds the watch asleep and wakes it.
+                watch.asleep = true;
+                let (mut watch, slept) = board
+                    .watched
+                    .wait_timeout(watch, WATCH_SPELL)
+                    .unwrap_or_else(PoisonError::into_inner);
+                watch.asleep = false;
+                if watch.closed || (slept.timed_out() && board.open().is_empty()) {
+                    watch.running = false;
+                    return;
+                }
+                continue;
+            }
+            // While a call runs past its steal time, every `WATCH_LATE`;
+            // else at the soonest steal time, but not before `WATCH_EVERY`.
+            let late = board.open().iter().any(|open| open.loot.steal_at() <= now);
+            let wake = if late {
+                now + WATCH_LATE
+            } else {
+                (now + WATCH_EVERY).max(soonest.unwrap_or(now))
+            };
+            let wait = wake.saturating_duration_since(Instant::now());
+            drop(
+                board
+                    .watched
+                    .wait_timeout(watch, wait)
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        }
+    }
+}
+
+impl<T, U> Drop for Watching<T, U> {
+    fn drop(&mut self) {
+        if let Some(board) = self.board.take() {
+            board.watch().running = false;
+        }
     }
 }
 
@@ -198,6 +439,7 @@ struct Listed<'a, T, F: Mapper<T>> {
 impl<T, F: Mapper<T>> Drop for Listed<'_, T, F> {
     fn drop(&mut self) {
         self.crew
+            .board
             .open()
             .retain(|open| !Arc::ptr_eq(open, &self.open));
     }
@@ -259,81 +501,15 @@ where
         self.items.len() > 1
     }
 
-    /// Takes from a running call past its steal time (the one with the
-    /// most left): the back half of the items it has not started, as a call
-    /// of its own, and the results it finished, delivered at once. With no
-    /// item left, the results alone.
+    /// Takes from a running call past its steal time (see [`Board::take`]).
     fn steal(crew: &Crew<T, F>) -> Steal<Self> {
-        let now = Instant::now();
-        let mut open: Vec<_> = crew
-            .open()
-            .iter()
-            .map(|open| {
-                let (left, waiting) = open.loot.left();
-                (left, waiting || open.has_untaken(), Arc::clone(open))
-            })
-            .filter(|(left, waiting, open)| {
-                (*left > 0 || *waiting) && !open.shared.is_cut_off(open.loot.next_index())
-            })
-            .collect();
-        // Most left first: the steal that moves the most work; then the
-        // lowest call, whose results input order waits for first.
-        open.sort_by_key(|(left, _, open)| (std::cmp::Reverse(*left), open.call));
-        let mut soonest: Option<Instant> = None;
-        for (left, _, open) in open {
-            if open.loot.steal_at() > now {
-                soonest =
-                    Some(soonest.map_or(open.loot.steal_at(), |at| at.min(open.loot.steal_at())));
-                continue;
+        match crew.board.take(true) {
+            Steal::Job((items, call, is_failure)) => {
+                Steal::Job(BlockingJob::new(Batch::from_vec(items), call, is_failure))
             }
-            // A thief's call holds its permit before it takes any item: with
-            // none free it takes the results alone.
-            let permit = match open.shared.budget() {
-                Some(budget) if left > 0 => Arc::clone(budget).try_acquire_owned().ok(),
-                _ => None,
-            };
-            let may_take = left > 0 && (permit.is_some() || open.shared.budget().is_none());
-            let stolen = open.loot.steal(may_take, open.has_untaken(), |taken| {
-                let at = (taken.items > 0).then_some(taken.at);
-                let progress = at.and_then(|at| {
-                    let timeout = open.shared.timeout()?;
-                    Some(Progress::new(at, timeout))
-                });
-                // With deadlines the owner's results are in its progress:
-                // the engine takes them from there when it hears of this.
-                crew.report.send(Event::Stolen {
-                    call: open.call,
-                    done: taken.done,
-                    results: Batch::Many(taken.results),
-                    at,
-                    progress: progress.clone(),
-                });
-                progress
-            });
-            let Some((at, items, progress)) = stolen else {
-                continue;
-            };
-            if items.is_empty() {
-                continue; // results only: delivered
-            }
-            let mut call = Call::new(at, Arc::clone(&open.shared), progress, open.steal_after);
-            call.report_to(crew.report.clone(), true);
-            if let Some(permit) = permit {
-                call.hold(permit);
-            }
-            trace::life!(
-                "par_imap: items stolen",
-                call = open.call,
-                at = at,
-                items = items.len()
-            );
-            return Steal::Job(BlockingJob::new(
-                Batch::from_vec(items),
-                call,
-                open.is_failure,
-            ));
+            Steal::At(at) => Steal::At(at),
+            Steal::Nothing => Steal::Nothing,
         }
-        soonest.map_or(Steal::Nothing, Steal::At)
     }
 }
 
@@ -439,7 +615,7 @@ where
             progress: call.progress_handle().cloned(),
         }),
     };
-    crew.open().push(Arc::clone(&listed.open));
+    crew.board.list(Arc::clone(&listed.open));
     drop(opening);
     let loot = &listed.open.loot;
     let mut last = None;
