@@ -666,8 +666,9 @@ struct HungCase {
 fn hung_case() -> impl Strategy<Value = HungCase> {
     (
         1..3000_usize,
-        // One worker is the hung one's: another must be free to steal.
-        2..=4_usize,
+        // Limit 1 too: no worker is then free to steal, and the map's watch
+        // must still hand over what the hung item's call finished.
+        1..=4_usize,
         prop_oneof![Just(None), (0..=3_usize).prop_map(Some)],
         prop_oneof![
             1 => Just(None),
@@ -740,7 +741,27 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
             }
             out
         });
-        let while_hung = if map.ordered {
+        // Every item before the hung one comes while it hangs, at any limit
+        // (ordered: those are the first `hung` results; unordered, at limit
+        // 1, the only ones that can run).
+        let before = || probe.map.yielded.load(Ordering::SeqCst) >= hung;
+        let held_before = || {
+            format!(
+                "only {} of the {hung} items before hung item {hung} came while it hung \
+                 (limit {}; finished {}, pulled {})",
+                probe.map.yielded.load(Ordering::SeqCst),
+                map.limit,
+                probe.map.finished.lock().unwrap().len(),
+                probe.map.pulled.load(Ordering::SeqCst),
+            )
+        };
+        let while_hung = if map.limit == 1 {
+            if until(before).await {
+                Ok(())
+            } else {
+                Err(held_before())
+            }
+        } else if map.ordered {
             // Pulled and not yielded: at most the window, the hung one first.
             let owed = (hung + 1..map.len.min(hung + map.window())).count();
             let mapped = || {
@@ -753,9 +774,7 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
                     .filter(|&&index| index > hung)
                     .count()
             };
-            if until(|| mapped() >= owed).await {
-                Ok(())
-            } else {
+            if !until(|| mapped() >= owed).await {
                 let finished = probe.map.finished.lock().unwrap().clone();
                 let started = probe.map.calls.started_indices();
                 let missing: Vec<usize> = (hung + 1..map.len.min(hung + map.window()))
@@ -772,6 +791,10 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
                     probe.map.pulled.load(Ordering::SeqCst),
                     probe.map.yielded.load(Ordering::SeqCst),
                 ))
+            } else if until(before).await {
+                Ok(())
+            } else {
+                Err(held_before())
             }
         } else {
             let others = map.len - 1;
@@ -818,7 +841,10 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
         .collect::<Result<_, _>>()
         .map_err(|seen| TestCaseError::fail(format!("an error: {seen:?}")))?;
     if !map.ordered {
-        prop_assert_eq!(*values.last().unwrap(), hung, "the hung item comes last");
+        // At limit 1 the items after it could not run while it hung.
+        if map.limit > 1 {
+            prop_assert_eq!(*values.last().unwrap(), hung, "the hung item comes last");
+        }
         values.sort_unstable();
     }
     prop_assert!(
