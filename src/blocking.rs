@@ -1,7 +1,7 @@
 //! Blocking calls: the mapper, the job that maps one call's items on a
 //! worker thread, the runner that feeds the [`workers`](crate::workers),
-//! and the map's watch, which hands over what a running call finished
-//! when no worker is idle to.
+//! and the map's watch, which hands over what a running call finished, so
+//! that it comes out even when no worker is idle to take it.
 
 use std::fmt;
 use std::future::Future;
@@ -129,10 +129,9 @@ where
         call.report_to(self.reports.sender().clone(), true);
         let job = BlockingJob::new(items, call, is_failure);
         let shared = job.opens();
-        // Someone to hand over what a call of several finished should all
-        // the workers be inside items that hang (or `limit` be 1).
-        if let Some(watching) = shared.then(|| self.board.start_watch()).flatten() {
-            runtime.spawn_blocking(move || watching.watch());
+        // Where the map's watch will run (see `Board::list`).
+        if shared && self.board.runtime.get().is_none() {
+            let _ = self.board.runtime.set(runtime.clone());
         }
         let worker = self.workers.push(job);
         // Someone to take the items of a call of several should one hang.
@@ -179,12 +178,17 @@ pub(crate) struct Board<T, U> {
     watch: Mutex<Watch>,
     /// Signalled when a call opens while the watch sleeps, and on close.
     watched: Condvar,
+    /// The runtime the watch runs on: the one the map's first call of
+    /// several items was started on.
+    runtime: std::sync::OnceLock<Handle>,
 }
 
 /// The state of the map's watch: a thread that, past a running call's
-/// steal time, hands over the results it finished when no idle worker is
-/// there to (`limit` 1, or every worker inside an item that hangs). It runs
-/// no user code and takes no item, so it counts in no limit.
+/// steal time, hands over the results it finished, so that they come out
+/// even when no worker is idle to take them (`limit` 1, or every worker
+/// inside an item that hangs); it takes them as an idle worker would, under
+/// the call's lock, whichever comes first. It runs no user code and takes
+/// no item, so it counts in no limit.
 #[derive(Debug, Default)]
 struct Watch {
     /// A watch thread exists (or is about to start).
@@ -198,14 +202,11 @@ struct Watch {
 /// The calls open to thieves.
 type OpenCalls<T, U> = Vec<Arc<Open<T, U>>>;
 
-/// How often the watch looks at the open calls at most, while none is
-/// past its steal time: it wakes on a core the workers need, so it looks
-/// seldom (a call past its steal time is seen within this much of it).
+/// How often the watch looks at the open calls while any is open: it wakes
+/// on a core the workers need, so seldom (2 ms cost ~1 % at ~1.6 µs items,
+/// this nothing measurable); a call's finished results wait at most this
+/// long past its steal time, and as long again while it runs.
 const WATCH_EVERY: Duration = Duration::from_millis(10);
-
-/// How often the watch looks while a call runs past its steal time: the
-/// give-back time of adaptive calls.
-const WATCH_LATE: Duration = crate::sizer::STEAL_AFTER;
 
 /// How long the watch waits, with no call open, before it gives its
 /// thread back (as long as an idle worker's spell).
@@ -230,6 +231,14 @@ impl<T, U> Open<T, U> {
             .as_ref()
             .is_some_and(|progress| progress.has_untaken())
     }
+
+    /// Whether that progress holds results the engine was not told of yet
+    /// (they count as told from now on).
+    fn announces(&self) -> bool {
+        self.progress
+            .as_ref()
+            .is_some_and(|progress| progress.announce())
+    }
 }
 
 impl<T, F: Mapper<T>> Crew<T, F> {
@@ -242,6 +251,7 @@ impl<T, F: Mapper<T>> Crew<T, F> {
                 report,
                 watch: Mutex::new(Watch::default()),
                 watched: Condvar::new(),
+                runtime: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -258,26 +268,6 @@ impl<T, U> Board<T, U> {
         self.watch.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Lists a call that opens, and wakes the watch if it sleeps.
-    fn list(&self, open: Arc<Open<T, U>>) {
-        self.open().push(open);
-        if self.watch().asleep {
-            self.watched.notify_one();
-        }
-    }
-
-    /// The watch to start, unless one runs or the map ended.
-    fn start_watch(self: &Arc<Self>) -> Option<Watching<T, U>> {
-        let mut watch = self.watch();
-        if watch.running || watch.closed {
-            return None;
-        }
-        watch.running = true;
-        Some(Watching {
-            board: Some(Arc::clone(self)),
-        })
-    }
-
     /// The map ended: the watch leaves.
     fn close(&self) {
         self.watch().closed = true;
@@ -285,11 +275,11 @@ impl<T, U> Board<T, U> {
     }
 
     /// Takes from a running call past its steal time (the one with the
-    /// most left): with `items`, the back half of the items it has not
+    /// most left): with `take_items`, the back half of the items it has not
     /// started, as a call of its own, and the results it finished,
     /// delivered at once; without, or with no item left, the results alone.
     /// Otherwise when to look again, if a call may be taken from later.
-    fn take(&self, items: bool) -> Steal<(Vec<T>, Call<U>, IsFailure<U>)> {
+    fn take(&self, take_items: bool) -> Steal<(Vec<T>, Call<U>, IsFailure<U>)> {
         let now = Instant::now();
         let mut open: Vec<_> = self
             .open()
@@ -312,7 +302,7 @@ impl<T, U> Board<T, U> {
                     Some(soonest.map_or(open.loot.steal_at(), |at| at.min(open.loot.steal_at())));
                 continue;
             }
-            let left = if items { left } else { 0 };
+            let left = if take_items { left } else { 0 };
             // A thief's call holds its permit before it takes any item: with
             // none free it takes the results alone.
             let permit = match open.shared.budget() {
@@ -320,7 +310,7 @@ impl<T, U> Board<T, U> {
                 _ => None,
             };
             let may_take = left > 0 && (permit.is_some() || open.shared.budget().is_none());
-            let stolen = open.loot.steal(may_take, open.has_untaken(), |taken| {
+            let stolen = open.loot.steal(may_take, open.announces(), |taken| {
                 let at = (taken.items > 0).then_some(taken.at);
                 let progress = at.and_then(|at| {
                     let timeout = open.shared.timeout()?;
@@ -360,64 +350,83 @@ impl<T, U> Board<T, U> {
     }
 }
 
-/// The map's watch, about to run: dropped unrun (the runtime shuts down)
-/// or unwound, it lets the next call of several start another.
+impl<T: Send + 'static, U: Send + 'static> Board<T, U> {
+    /// Lists a call that opens, and wakes the watch if it sleeps, or
+    /// starts it if there is none (the first call, or the watch left after
+    /// an idle spell): a call is watched from the moment it can be taken
+    /// from, however long it waited for its permit.
+    fn list(self: &Arc<Self>, open: Arc<Open<T, U>>) {
+        self.open().push(open);
+        let mut watch = self.watch();
+        if watch.asleep {
+            self.watched.notify_one();
+            return;
+        }
+        if watch.running || watch.closed {
+            return;
+        }
+        let Some(runtime) = self.runtime.get() else {
+            return; // a call run outside a runner (unit tests)
+        };
+        watch.running = true;
+        drop(watch);
+        let watching = Watching {
+            board: Some(Arc::clone(self)),
+        };
+        // A runtime shutting down drops the closure unrun: `Watching`'s
+        // `Drop` then lets the next call start another.
+        runtime.spawn_blocking(move || watching.watch());
+    }
+}
+
+/// The map's watch, about to run. Dropped unrun (the runtime shuts down)
+/// or unwound, it marks the watch gone, so that the next call to open
+/// starts another.
 struct Watching<T, U> {
     board: Option<Arc<Board<T, U>>>,
 }
 
 impl<T, U> Watching<T, U> {
-    /// Past each open call's steal time (within [`WATCH_EVERY`] of it),
-    /// and then every [`WATCH_LATE`] while it runs, hands over the results
-    /// it finished (never its
-    /// items: the watch runs no user code and counts in no limit). With no
+    /// Every [`WATCH_EVERY`] while a call is open, hands over the results
+    /// of the calls past their steal time (never their items). With no
     /// call open it sleeps until one opens, and leaves after an idle spell
     /// or when the map ends.
     fn watch(mut self) {
-        let Some(board) = self.board.take() else {
+        let Some(board) = self.board.clone() else {
             return;
         };
         loop {
-            let now = Instant::now();
-            let soonest = match board.take(false) {
-                Steal::At(at) => Some(at),
-                _ => None,
-            };
+            let _ = board.take(false);
             let mut watch = board.watch();
-            if watch.closed {
-                watch.running = false;
-                return;
+            if !watch.closed && !board.open().is_empty() {
+                drop(
+                    board
+                        .watched
+                        .wait_timeout(watch, WATCH_EVERY)
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
+                continue;
             }
-            if board.open().is_empty() {
+            if !watch.closed {
                 // Under the watch's lock: a call listed after this look
                 // finds the watch asleep and wakes it.
                 watch.asleep = true;
-                let (mut watch, slept) = board
+                let slept;
+                (watch, slept) = board
                     .watched
                     .wait_timeout(watch, WATCH_SPELL)
                     .unwrap_or_else(PoisonError::into_inner);
                 watch.asleep = false;
-                if watch.closed || (slept.timed_out() && board.open().is_empty()) {
-                    watch.running = false;
-                    return;
+                let spell_over = slept.timed_out() && board.open().is_empty();
+                if !(watch.closed || spell_over) {
+                    continue;
                 }
-                continue;
             }
-            // While a call runs past its steal time, every `WATCH_LATE`;
-            // else at the soonest steal time, but not before `WATCH_EVERY`.
-            let late = board.open().iter().any(|open| open.loot.steal_at() <= now);
-            let wake = if late {
-                now + WATCH_LATE
-            } else {
-                (now + WATCH_EVERY).max(soonest.unwrap_or(now))
-            };
-            let wait = wake.saturating_duration_since(Instant::now());
-            drop(
-                board
-                    .watched
-                    .wait_timeout(watch, wait)
-                    .unwrap_or_else(PoisonError::into_inner),
-            );
+            // Leaving, decided under the lock that `list` starts a watch
+            // under: nothing for `Drop` to undo.
+            watch.running = false;
+            self.board = None;
+            return;
         }
     }
 }

@@ -4,10 +4,11 @@
 //! and once the call is past its steal time an idle worker may, at any
 //! moment, even while the owner is stuck inside one item, take the back
 //! half of the items not started (a call of its own) and the results
-//! finished so far (delivered at once). When no worker is idle (`limit` 1,
-//! or every worker stuck), the map's watch (`blocking.rs`) takes the
-//! finished results alone, as a thief that takes no item would. So a slow
-//! or hung item never holds back the items of its call, before or after it.
+//! finished so far (delivered at once). The map's watch (`blocking.rs`)
+//! takes finished results too, as a thief that takes no item would, so
+//! that they come out even when no worker is idle (`limit` 1, or every
+//! worker stuck). So a slow or hung item never holds back the items of its
+//! call, before or after it.
 //!
 //! Protocol. One lock per call guards both; the owner takes it once per
 //! item, a thief once per steal. A thief announces what it took (to the

@@ -584,12 +584,12 @@ where
     /// may at any moment take the back half of the items it has not
     /// started, and the results it has finished, even while it is stuck in
     /// one item. So a slow or hung item never holds back the items of its
-    /// call, with or without a timeout. When no worker is idle to take them
-    /// (`limit` 1, or every worker inside an item that hangs), the map's
-    /// watch hands over the finished results, within 10 ms of the steal
-    /// time and then every 2 ms while the call runs: one more blocking
-    /// thread per map with calls of several items, which runs no user code
-    /// and takes no item, so it counts in no limit.
+    /// call, with or without a timeout. Its finished results come out even
+    /// when no worker is idle to take them (`limit` 1, or every worker
+    /// inside an item that hangs): the map's watch looks every 10 ms while
+    /// a call runs and hands over what a call past its steal time finished.
+    /// It is one more blocking thread per map with calls of several items,
+    /// which runs no user code and takes no item, so it counts in no limit.
     ///
     /// A batch never waits to fill up: a call takes what the input has ready
     /// (at least one item), so latency does not grow. Results stay per item,

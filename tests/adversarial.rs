@@ -1107,6 +1107,39 @@ async fn with_limit_1_the_watch_hands_over_results_but_runs_no_item() {
     assert_eq!(calls.peak(), 1, "two items of a limit-1 map ran at once");
 }
 
+/// Limit 1, `.batch(2)`, a budget of one whose permit is held elsewhere
+/// for 200 ms: the call waits for it on its worker before it opens. A
+/// watch started when the call was handed out would find nothing open,
+/// sleep its 50 ms spell and leave; the call, opening later, must still be
+/// watched, and item 0 come out while item 1 hangs (found in review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_waited_for_its_permit_is_watched_once_it_opens() {
+    let gates = Gates::default();
+    let _open = OpenOnDrop(gates.clone(), 0);
+    let g = gates.clone();
+    let budget = Arc::new(Semaphore::new(1));
+    let held = Arc::clone(&budget).acquire_owned().await.unwrap();
+    let mut map = stream::iter(0..2_u64)
+        .par_imap(1, move |n| {
+            if n == 1 {
+                g.wait(0);
+            }
+            n
+        })
+        .batch(2)
+        .semaphore(Arc::clone(&budget));
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(held);
+    });
+    let first = tokio::time::timeout(hang(), map.next()).await;
+    gates.open(0);
+    release.await.unwrap();
+    let first = first.expect("item 0 held back while item 1 of its call hung");
+    assert_eq!(first.unwrap().unwrap(), 0);
+    assert_eq!(map.next().await.unwrap().unwrap(), 1);
+}
+
 /// Unordered, limit 1, `.batch(2)`: item 0 is done while item 1 of its
 /// call hangs; completion order says item 0 comes out now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
