@@ -202,10 +202,10 @@ struct Watch {
 /// The calls open to thieves.
 type OpenCalls<T, U> = Vec<Arc<Open<T, U>>>;
 
-/// How often the watch looks at the open calls while any is open: it wakes
-/// on a core the workers need, so seldom (2 ms cost ~1 % at ~1.6 µs items,
-/// this nothing measurable); a call's finished results wait at most this
-/// long past its steal time, and as long again while it runs.
+/// How often the watch looks at the open calls while any is open. It
+/// wakes on a core the workers need, so seldom: looking every 2 ms cost
+/// ~1 % at ~1.6 µs items, this nothing measurable. A call's finished
+/// results wait at most this long past its steal time for the watch.
 const WATCH_EVERY: Duration = Duration::from_millis(10);
 
 /// How long the watch waits, with no call open, before it gives its

@@ -1369,3 +1369,79 @@ async fn retry_last_panic_keeps_its_payload_blocking_and_async() {
     assert_eq!((e.index(), e.is_panic()), (1, true));
     assert_eq!(e.into_panic().downcast_ref::<u32>(), Some(&9));
 }
+
+/// `.timeout` + `.keep_going`, limit 1, `.batch(4)`: item 0
+/// is done, item 1 overruns its deadline, item 2 is done after it, item 3
+/// hangs. Announcing marks results as told: those that come after the first
+/// announcement (the timeout, item 2) must still come out. `poll_late`: the
+/// consumer does not poll for 700 ms first.
+async fn timed_results_after_an_announcement(poll_late: bool) {
+    let gates = Gates::default();
+    let _open = OpenOnDrop(gates.clone(), 0);
+    let g = gates.clone();
+    let mut map = stream::iter(0..4_u64)
+        .par_imap(1, move |n| {
+            match n {
+                1 => std::thread::sleep(Duration::from_millis(400)),
+                3 => g.wait(0),
+                _ => {}
+            }
+            n
+        })
+        .batch(4)
+        .timeout(Duration::from_millis(150))
+        .keep_going();
+    if poll_late {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        match tokio::time::timeout(hang(), map.next()).await {
+            Ok(Some(r)) => got.push(r.map_err(|e| e.is_timeout())),
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+    gates.open(0);
+    assert_eq!(got, vec![Ok(0), Err(true), Ok(2)], "poll_late {poll_late}");
+    assert_eq!(map.next().await.unwrap().unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_results_announced_once_still_all_come() {
+    timed_results_after_an_announcement(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_results_announced_once_still_all_come_when_the_consumer_polls_late() {
+    timed_results_after_an_announcement(true).await;
+}
+
+/// Limit 2, `.timeout`, a thief takes items (at: Some) after
+/// the watch may have announced the owner's results: item 0 still comes out
+/// while item 1 hangs, and the stolen items too (unordered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thief_taking_items_still_hands_over_the_owners_timed_results() {
+    let gates = Gates::default();
+    let _open = OpenOnDrop(gates.clone(), 0);
+    let g = gates.clone();
+    let mut map = stream::iter(0..6_u64)
+        .par_imap_unordered(2, move |n| {
+            if n == 1 {
+                g.wait(0);
+            }
+            n
+        })
+        .batch(6)
+        .timeout(Duration::from_secs(3600));
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        match tokio::time::timeout(hang(), map.next()).await {
+            Ok(Some(r)) => got.push(r.unwrap()),
+            _ => break,
+        }
+    }
+    gates.open(0);
+    got.sort();
+    assert_eq!(got, vec![0, 2, 3, 4, 5]);
+}
