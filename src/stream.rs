@@ -589,7 +589,9 @@ where
     /// inside an item that hangs): the map's watch looks every 10 ms while
     /// a call runs and hands over what a call past its steal time finished.
     /// It is one more blocking thread per map with calls of several items,
-    /// which runs no user code and takes no item, so it counts in no limit.
+    /// which runs no user code and takes no item, so it counts in no limit;
+    /// a runtime whose `max_blocking_threads` are all taken by hung items
+    /// has none left for it, and the results wait as before.
     ///
     /// A batch never waits to fill up: a call takes what the input has ready
     /// (at least one item), so latency does not grow. Results stay per item,
