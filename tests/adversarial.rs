@@ -7,28 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Calls, Gates, Tracker, hang};
+use common::{Calls, Gates, OpenOnDrop, Tracker, eventually, hang};
 use futures::{StreamExt, stream};
 use par_imap::{ParImapExt, Retry};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-
-struct OpenOnDrop(Gates, usize);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open(self.1);
-    }
-}
-
-/// Waits (blocking thread, bounded) until `flag` is set.
-fn wait_flag(flag: &AtomicBool) {
-    let deadline = Instant::now() + hang();
-    while !flag.load(Ordering::SeqCst) {
-        assert!(Instant::now() < deadline, "flag never set");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 /// Waits (blocking thread, bounded) until `is_cancelled()`; returns it.
 fn wait_cancelled() -> bool {
@@ -243,7 +226,7 @@ async fn retry_blocking_timed_out_attempt_below_a_later_failure_is_still_retried
                     wait_cancelled(),
                     "the timed-out attempt never saw is_cancelled"
                 );
-                wait_flag(&f);
+                eventually("flag set", || f.load(Ordering::SeqCst));
                 std::thread::sleep(Duration::from_millis(20));
             }
             Ok(c.n)
@@ -439,7 +422,7 @@ async fn steal_panic_right_after_a_slow_item_in_the_same_call_ordered() {
         stream::iter(0..8u64)
             .par_imap(2, move |n| {
                 if n == 1 {
-                    wait_flag(&t);
+                    eventually("flag set", || t.load(Ordering::SeqCst));
                 }
                 if n == 2 {
                     t.store(true, Ordering::SeqCst);
@@ -1021,27 +1004,43 @@ async fn a_finished_result_comes_out_while_every_worker_is_in_a_hung_item_with_a
     done_item_before_a_hung_one_when_every_worker_hangs(Some(Duration::from_secs(3600))).await;
 }
 
-/// Limit 1: there is never an idle worker to harvest. Item 0 is done, item
-/// 1 (same call) hangs: item 0 must still be yielded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_limit_1_a_finished_result_comes_out_while_the_next_item_of_its_call_hangs() {
+/// Limit 1, `.batch(2)`: there is never an idle worker to harvest. Item 0
+/// is done, item 1 (same call) hangs: item 0 must still be yielded, in
+/// input order and in completion order alike.
+async fn limit_1_item_0_comes_while_item_1_of_its_call_hangs(ordered: bool) {
     let gates = Gates::default();
     let _open = OpenOnDrop(gates.clone(), 0);
     let g = gates.clone();
-    let mut map = stream::iter(0..2u64)
-        .par_imap(1, move |n| {
-            if n == 1 {
-                g.wait(0);
-            }
-            n
-        })
-        .batch(2);
+    let f = move |n: u64| {
+        if n == 1 {
+            g.wait(0);
+        }
+        n
+    };
+    let mut map = if ordered {
+        stream::iter(0..2u64).par_imap(1, f).batch(2).boxed()
+    } else {
+        stream::iter(0..2u64)
+            .par_imap_unordered(1, f)
+            .batch(2)
+            .boxed()
+    };
     let first = tokio::time::timeout(Duration::from_secs(5), map.next()).await;
     gates.open(0);
     let first = first.expect("item 0 (done) was held back while item 1 of its call hung");
     assert_eq!(first.unwrap().unwrap(), 0);
     assert_eq!(map.next().await.unwrap().unwrap(), 1);
     assert!(map.next().await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_limit_1_a_finished_result_comes_out_while_the_next_item_of_its_call_hangs() {
+    limit_1_item_0_comes_while_item_1_of_its_call_hangs(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unordered_with_limit_1_a_finished_result_comes_out_while_its_call_hangs() {
+    limit_1_item_0_comes_while_item_1_of_its_call_hangs(false).await;
 }
 
 /// Limit 1, adaptive sizes (calls double: [0], [1,2], [3..7], ... [31..63]):
@@ -1138,29 +1137,6 @@ async fn a_call_that_waited_for_its_permit_is_watched_once_it_opens() {
     let first = first.expect("item 0 held back while item 1 of its call hung");
     assert_eq!(first.unwrap().unwrap(), 0);
     assert_eq!(map.next().await.unwrap().unwrap(), 1);
-}
-
-/// Unordered, limit 1, `.batch(2)`: item 0 is done while item 1 of its
-/// call hangs; completion order says item 0 comes out now.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unordered_with_limit_1_a_finished_result_comes_out_while_its_call_hangs() {
-    let gates = Gates::default();
-    let _open = OpenOnDrop(gates.clone(), 0);
-    let g = gates.clone();
-    let mut map = stream::iter(0..2u64)
-        .par_imap_unordered(1, move |n| {
-            if n == 1 {
-                g.wait(0);
-            }
-            n
-        })
-        .batch(2);
-    let first = tokio::time::timeout(Duration::from_secs(5), map.next()).await;
-    gates.open(0);
-    let first = first.expect("item 0 (done) was held back while item 1 of its call hung");
-    assert_eq!(first.unwrap().unwrap(), 0);
-    assert_eq!(map.next().await.unwrap().unwrap(), 1);
-    assert!(map.next().await.is_none());
 }
 
 /// A fixed batch larger than the window: the window is still a hard cap.

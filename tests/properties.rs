@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Gates, Tracker};
+use common::{Gates, OpenOnDrop, Tracker};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use proptest::prelude::*;
@@ -698,16 +698,6 @@ fn hung_case() -> impl Strategy<Value = HungCase> {
         )
 }
 
-/// Opens the hung item's gate when dropped, so that a failing case never
-/// leaves a worker hung.
-struct Release(Gates, usize);
-
-impl Drop for Release {
-    fn drop(&mut self) {
-        self.0.open(self.1);
-    }
-}
-
 /// Runs a hung case on a real runtime: while the item hangs, every other
 /// item arrives (unordered), or every item the window holds after it is
 /// mapped (ordered); then the gate opens and every result comes.
@@ -718,7 +708,7 @@ fn run_hung(case: &HungCase) -> Result<(), TestCaseError> {
         .build()
         .unwrap();
     let (probe, gates, token) = (Probe::default(), Gates::default(), CancellationToken::new());
-    let _release = Release(gates.clone(), case.hung);
+    let _release = OpenOnDrop(gates.clone(), case.hung);
     let with = With {
         tracker: &probe.tracker,
         budget: None,

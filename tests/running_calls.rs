@@ -26,7 +26,7 @@ use std::sync::{Arc, mpsc};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use common::{Gates, eventually_async};
+use common::{Gates, OpenOnDrop, eventually_async};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt, TryStreamExt, stream};
 use par_imap::ParImapExt;
@@ -46,16 +46,6 @@ async fn within_bound(condition: impl Fn() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     true
-}
-
-/// Opens one gate when dropped, so that a failing test never leaves a
-/// blocking worker hung (the runtime's shutdown would wait for it).
-struct OpenOnDrop(Gates, usize);
-
-impl Drop for OpenOnDrop {
-    fn drop(&mut self) {
-        self.0.open(self.1);
-    }
 }
 
 #[derive(Debug, PartialEq)]

@@ -46,6 +46,16 @@ impl Gates {
     }
 }
 
+/// Opens one gate when dropped, so that a failing test never leaves a
+/// blocking worker hung (the runtime's shutdown would wait for it).
+pub struct OpenOnDrop(pub Gates, pub usize);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.open(self.1);
+    }
+}
+
 /// Counts calls started, calls running now, and the most ever running.
 #[derive(Clone, Default)]
 pub struct Calls {
